@@ -1,0 +1,186 @@
+"""Configuration: the model's shape (GPTConfig), the training recipe (TrainConfig), and presets.
+
+Both dataclasses are stored in every checkpoint and rebuilt from it with `from_dict`, which rejects
+unknown keys, wrong types and impossible values with a message naming the field. Presets are plain
+data: a name mapped to overrides of the two dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+CHOICES = {
+    "pos": ("learned", "sinusoidal", "none"),
+    "norm": ("rmsnorm", "layernorm"),
+    "norm_position": ("pre", "post"),
+    "activation": ("relu", "gelu", "gelu_tanh"),
+    "schedule": ("linear", "cosine", "constant"),
+    "mode": ("auto", "docs", "stream"),
+    "long_docs": ("split", "truncate"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used."""
+
+
+def _check_types(obj) -> None:
+    """Reject values whose type differs from the field's declared type (bool is not an int here)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        want = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+        if want is float and type(value) is int:  # JSON and CLI users write 1 for 1.0
+            value = float(value)
+            setattr(obj, f.name, value)
+        if type(value) is not want:
+            raise ConfigError(
+                f"{type(obj).__name__}.{f.name} must be {f.type}, got {type(value).__name__} "
+                f"({value!r})")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be one of "
+                              f"{', '.join(CHOICES[f.name])}; got {value!r}")
+        if want is float and not math.isfinite(value):
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be finite, got {value!r}")
+
+
+def _from_dict(cls, d: dict):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(known))})")
+    return cls(**d)
+
+
+@dataclass
+class GPTConfig:
+    """The model's shape. Dimension names used throughout: B batch, T time, C n_embd, V vocab."""
+
+    vocab_size: int = 27
+    block_size: int = 16  # longest context the model sees; learned positions have this many rows
+    n_layer: int = 1
+    n_embd: int = 16  # C
+    n_head: int = 4  # head_dim = C // n_head
+    pos: str = "learned"  # learned | sinusoidal (fixed, Vaswani et al.) | none
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_affine: bool = False  # learnable gain (and bias, for layernorm) in every norm
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (2017 paper)
+    emb_norm: bool = True  # normalize the embedding sum before the first block (microgpt)
+    final_norm: bool = False  # normalize before lm_head (GPT-2's ln_f)
+    activation: str = "relu"  # relu | gelu (exact, erf) | gelu_tanh (GPT-2's approximation)
+    bias: bool = False  # biases in the attention and MLP linear layers
+    tie_embeddings: bool = False  # lm_head shares wte
+    init_std: float = 0.08  # weights ~ N(0, init_std)
+    scaled_init: bool = False  # GPT-2: attn_wo and mlp_fc2 get init_std / sqrt(2 n_layer)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_types(self)
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < 2:
+            raise ConfigError("GPTConfig.vocab_size must be >= 2 (at least one character + BOS)")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by "
+                              f"n_head ({self.n_head})")
+        if self.init_std < 0 or self.norm_eps <= 0:
+            raise ConfigError("GPTConfig.init_std must be >= 0 and norm_eps > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data handling, batches, optimizer, schedule, evaluation."""
+
+    steps: int = 1000
+    batch_size: int = 1  # documents (docs mode) or windows (stream mode) per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 0.01
+    beta1: float = 0.85
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW); applied to 2-D matmul weights only
+    schedule: str = "linear"  # linear (to zero, microgpt) | cosine (after warmup) | constant
+    warmup: int = 0  # steps of linear warmup (cosine and constant schedules)
+    min_lr_frac: float = 0.0  # cosine decays to lr * min_lr_frac
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
+    seed: int = 42
+    mode: str = "auto"  # auto | docs (one document per line) | stream (continuous text)
+    long_docs: str = "split"  # docs longer than block_size: split into windows, or truncate
+    val_fraction: float = 0.1  # share of documents (or of the text) held out for validation
+    eval_every: int = 100  # steps between validation evaluations (0 = only at the end)
+    eval_tokens: int = 20000  # validation positions per evaluation (fixed sample)
+    workers: int = 0  # processes splitting each batch; 0 = one per core
+
+    def __post_init__(self):
+        _check_types(self)
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "eval_tokens", "workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("TrainConfig.lr, weight_decay and grad_clip must be >= 0, eps > 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError("TrainConfig.beta1 and beta2 must be in [0, 1)")
+        if not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ConfigError("TrainConfig.min_lr_frac must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d)
+
+
+# Presets: name -> {"model": GPTConfig overrides, "train": TrainConfig overrides}.
+PRESETS: dict[str, dict[str, dict]] = {
+    # Karpathy's microgpt, number for number: one document per step, no validation split,
+    # documents truncated at block_size, linear decay to zero, one process.
+    "microgpt": {
+        "model": dict(n_layer=1, n_embd=16, n_head=4, block_size=16),
+        "train": dict(steps=1000, batch_size=1, lr=0.01, schedule="linear", val_fraction=0.0,
+                      long_docs="truncate", eval_every=0, workers=1, mode="docs"),
+    },
+    # The default for `puregpt train`: the microgpt architecture, widened and trained on batches.
+    "default": {
+        "model": dict(n_layer=1, n_embd=16, n_head=4, block_size=16),
+        "train": dict(steps=1000, batch_size=1, lr=0.01, schedule="linear"),
+    },
+    # The exact GPT-2 block: learned positions, pre-LayerNorm with gain and bias, tanh-GELU,
+    # biases, a final LayerNorm, lm_head tied to wte, N(0, 0.02) init with scaled projections.
+    "gpt2": {
+        "model": dict(n_layer=2, n_embd=32, n_head=4, block_size=32, pos="learned",
+                      norm="layernorm", norm_affine=True, norm_position="pre", emb_norm=False,
+                      final_norm=True, activation="gelu_tanh", bias=True, tie_embeddings=True,
+                      init_std=0.02, scaled_init=True),
+        "train": dict(lr=0.003, beta1=0.9, beta2=0.95, schedule="cosine", warmup=50,
+                      weight_decay=0.1, grad_clip=1.0, batch_size=16, min_lr_frac=0.1),
+    },
+}
+
+
+def preset(name: str) -> dict[str, dict]:
+    """The overrides of a preset, as fresh dicts; a clear error for an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return {part: dict(values) for part, values in PRESETS[name].items()}

@@ -1,0 +1,295 @@
+"""The GPT: parameters, the forward pass over whole sequences, and its backward pass.
+
+    x = wte[token] + pos[position]             (pos: learned wpe, fixed sinusoidal, or none)
+    x = norm(x)                                (emb_norm, microgpt)
+    per layer, pre-norm:   x = x + attn(norm(x));   x = x + mlp(norm(x))
+               post-norm:  x = norm(x + attn(x));   x = norm(x + mlp(x))
+    x = norm(x)                                (final_norm, GPT-2's ln_f)
+    logits = x lm_head^T                       (lm_head is wte when tie_embeddings)
+
+attn(x) = concat over heads of causal softmax(q k^T / sqrt(hd)) v, projected by attn_wo;
+mlp(x) = mlp_fc2 act(mlp_fc1 x). `backward` walks `forward` in reverse.
+
+Parameters are a dict name -> tensor (a matrix is a list of rows [out][in]; a vector a list).
+Names: wte, wpe, lm_head, layer{l}.attn_wq/wk/wv/wo, layer{l}.mlp_fc1/fc2; a linear layer's
+bias is its weight's name + "_b"; a norm's gain and bias are its name + "_g" / "_b"
+(emb_norm, layer{l}.attn_norm, layer{l}.mlp_norm, final_norm).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from functools import lru_cache
+
+from . import ops
+from .config import GPTConfig
+
+# --- parameters --------------------------------------------------------------------------------
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, in initialization order (microgpt's draw order for weights)."""
+    V, C, L = config.vocab_size, config.n_embd, config.n_layer
+    shapes = {"wte": (V, C)}
+    if config.pos == "learned":
+        shapes["wpe"] = (config.block_size, C)
+    if not config.tie_embeddings:
+        shapes["lm_head"] = (V, C)
+    norm_params = ["_g"] + (["_b"] if config.norm == "layernorm" else [])
+
+    def add_norm(name):
+        if config.norm_affine:
+            for suffix in norm_params:
+                shapes[name + suffix] = (C,)
+
+    if config.emb_norm:
+        add_norm("emb_norm")
+    for l in range(L):
+        p = f"layer{l}."
+        add_norm(p + "attn_norm")
+        for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo"):
+            shapes[p + w] = (C, C)
+        shapes[p + "mlp_fc1"] = (4 * C, C)
+        shapes[p + "mlp_fc2"] = (C, 4 * C)
+        if config.bias:
+            for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo"):
+                shapes[p + w + "_b"] = (C,)
+            shapes[p + "mlp_fc1_b"] = (4 * C,)
+            shapes[p + "mlp_fc2_b"] = (C,)
+        add_norm(p + "mlp_norm")
+    if config.final_norm:
+        add_norm("final_norm")
+    return shapes
+
+
+def init_params(config: GPTConfig, rng: random.Random) -> dict:
+    """Matrices ~ N(0, init_std) drawn row by row in param_shapes order; norm gains 1, biases 0.
+
+    With scaled_init, the projections into the residual stream (attn_wo, mlp_fc2) use
+    init_std / sqrt(2 n_layer), as GPT-2 does, so the stream's variance does not grow with depth.
+    """
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if len(shape) == 1:
+            params[name] = [1.0 if name.endswith("_norm_g") else 0.0] * shape[0]
+            continue
+        std = config.init_std
+        if config.scaled_init and name.endswith(("attn_wo", "mlp_fc2")):
+            std /= math.sqrt(2 * config.n_layer)
+        params[name] = [[rng.gauss(0, std) for _ in range(shape[1])] for _ in range(shape[0])]
+    return params
+
+
+def zeros_like(params: dict) -> dict:
+    return {name: [0.0] * len(t) if not isinstance(t[0], list) else [[0.0] * len(r) for r in t]
+            for name, t in params.items()}
+
+
+def num_params(params: dict) -> int:
+    return sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1) for t in params.values())
+
+
+@lru_cache(maxsize=8)
+def _sinusoidal(block_size: int, C: int):
+    return tuple(tuple(row) for row in ops.sinusoidal_table(block_size, C))
+
+
+def position_table(params: dict, config: GPTConfig):
+    """The rows added to token embeddings: learned wpe, the fixed sinusoids, or None."""
+    if config.pos == "learned":
+        return params["wpe"]
+    if config.pos == "sinusoidal":
+        return _sinusoidal(config.block_size, config.n_embd)
+    return None
+
+
+def lm_head_weight(params: dict, config: GPTConfig):
+    return params["wte"] if config.tie_embeddings else params["lm_head"]
+
+
+# --- sub-layers: norm, attention, MLP ----------------------------------------------------------
+
+
+def norm_forward(X, params, name, config):
+    gain, bias = params.get(name + "_g"), params.get(name + "_b")
+    if config.norm == "rmsnorm":
+        return ops.rmsnorm_forward(X, gain, config.norm_eps)
+    return ops.layernorm_forward(X, gain, bias, config.norm_eps)
+
+
+def norm_backward(dY, cache, grads, name, config):
+    if config.norm == "rmsnorm":
+        return ops.rmsnorm_backward(dY, cache, grads.get(name + "_g"))
+    return ops.layernorm_backward(dY, cache, grads.get(name + "_g"), grads.get(name + "_b"))
+
+
+def attn_forward(X, params, p, config, lengths, kv=None):
+    """Causal self-attention over the sequences laid end to end in X (lengths says where).
+
+    With kv = [K rows, V rows] (decoding, one sequence), the new keys and values are appended to
+    the cache and the queries attend to everything cached so far.
+    """
+    Q, cq = ops.linear_forward(X, params[p + "attn_wq"], params.get(p + "attn_wq_b"))
+    K, ck = ops.linear_forward(X, params[p + "attn_wk"], params.get(p + "attn_wk_b"))
+    Vv, cv = ops.linear_forward(X, params[p + "attn_wv"], params.get(p + "attn_wv_b"))
+    out, c_heads, start = [], [], 0
+    if kv is not None:
+        kv[0].extend(K)
+        kv[1].extend(Vv)
+        out, c = ops.attention_forward(Q, kv[0], kv[1], config.n_head)
+        c_heads.append(c)
+    else:
+        for T in lengths:  # attention never crosses from one sequence into another
+            o, c = ops.attention_forward(Q[start:start + T], K[start:start + T],
+                                         Vv[start:start + T], config.n_head)
+            out += o
+            c_heads.append(c)
+            start += T
+    Y, co = ops.linear_forward(out, params[p + "attn_wo"], params.get(p + "attn_wo_b"))
+    return Y, (cq, ck, cv, c_heads, co)
+
+
+def attn_backward(dY, cache, grads, p):
+    cq, ck, cv, c_heads, co = cache
+    dout = ops.linear_backward(dY, co, grads[p + "attn_wo"], grads.get(p + "attn_wo_b"))
+    dQ, dK, dV, start = [], [], [], 0
+    for c in c_heads:
+        T = len(c[0])
+        dq, dk, dv = ops.attention_backward(dout[start:start + T], c)
+        dQ += dq
+        dK += dk
+        dV += dv
+        start += T
+    dX = ops.linear_backward(dQ, cq, grads[p + "attn_wq"], grads.get(p + "attn_wq_b"))
+    for dZ, c, w in ((dK, ck, "attn_wk"), (dV, cv, "attn_wv")):
+        ops.add_into_rows(dX, ops.linear_backward(dZ, c, grads[p + w], grads.get(p + w + "_b")))
+    return dX
+
+
+def mlp_forward(X, params, p, config):
+    act_forward = ops.ACTIVATIONS[config.activation][0]
+    H, c1 = ops.linear_forward(X, params[p + "mlp_fc1"], params.get(p + "mlp_fc1_b"))  # (N, 4C)
+    A, ca = act_forward(H)
+    Y, c2 = ops.linear_forward(A, params[p + "mlp_fc2"], params.get(p + "mlp_fc2_b"))  # (N, C)
+    return Y, (c1, ca, c2)
+
+
+def mlp_backward(dY, cache, grads, p, config):
+    act_backward = ops.ACTIVATIONS[config.activation][1]
+    c1, ca, c2 = cache
+    dA = ops.linear_backward(dY, c2, grads[p + "mlp_fc2"], grads.get(p + "mlp_fc2_b"))
+    dH = act_backward(dA, ca)
+    return ops.linear_backward(dH, c1, grads[p + "mlp_fc1"], grads.get(p + "mlp_fc1_b"))
+
+
+# --- one transformer block ---------------------------------------------------------------------
+
+
+def block_forward(x, params, l, config, lengths, kv=None):
+    p = f"layer{l}."
+    cache = {}
+    if config.norm_position == "pre":
+        h, cache["attn_norm"] = norm_forward(x, params, p + "attn_norm", config)
+        a, cache["attn"] = attn_forward(h, params, p, config, lengths, kv)
+        x = ops.add_rows(x, a)
+        h, cache["mlp_norm"] = norm_forward(x, params, p + "mlp_norm", config)
+        m, cache["mlp"] = mlp_forward(h, params, p, config)
+        x = ops.add_rows(x, m)
+    else:
+        a, cache["attn"] = attn_forward(x, params, p, config, lengths, kv)
+        x, cache["attn_norm"] = norm_forward(ops.add_rows(x, a), params, p + "attn_norm", config)
+        m, cache["mlp"] = mlp_forward(x, params, p, config)
+        x, cache["mlp_norm"] = norm_forward(ops.add_rows(x, m), params, p + "mlp_norm", config)
+    return x, cache
+
+
+def block_backward(dx, cache, grads, l, config):
+    """A residual x + f(x) passes its gradient to x unchanged and, through f, adds f's."""
+    p = f"layer{l}."
+    if config.norm_position == "pre":
+        dh = mlp_backward(dx, cache["mlp"], grads, p, config)
+        ops.add_into_rows(dx, norm_backward(dh, cache["mlp_norm"], grads, p + "mlp_norm", config))
+        dh = attn_backward(dx, cache["attn"], grads, p)
+        ops.add_into_rows(dx, norm_backward(dh, cache["attn_norm"], grads, p + "attn_norm",
+                                            config))
+    else:
+        dx = norm_backward(dx, cache["mlp_norm"], grads, p + "mlp_norm", config)
+        ops.add_into_rows(dx, mlp_backward(dx, cache["mlp"], grads, p, config))
+        dx = norm_backward(dx, cache["attn_norm"], grads, p + "attn_norm", config)
+        ops.add_into_rows(dx, attn_backward(dx, cache["attn"], grads, p))
+    return dx
+
+
+# --- the whole model ---------------------------------------------------------------------------
+
+
+def forward(params: dict, config: GPTConfig, inputs: list[list[int]], kv=None, start_pos=0):
+    """Logits for every position of every sequence in `inputs`, and the cache for `backward`.
+
+    inputs: B token sequences of 1..block_size tokens each. Returns logits (N, V), N = total
+    tokens, rows in input order. With a KV cache `kv` (from `new_kv_cache`), inputs is one
+    sequence continuing at position start_pos (= tokens already in the cache).
+    """
+    lengths = [len(seq) for seq in inputs]
+    tokens = [t for seq in inputs for t in seq]
+    positions = [start_pos + i for T in lengths for i in range(T)]
+    if not tokens:
+        raise ValueError("forward needs at least one token")
+    if max(positions) >= config.block_size:
+        raise ValueError(f"sequence longer than block_size={config.block_size}")
+    for t in tokens:
+        if not 0 <= t < config.vocab_size:
+            raise ValueError(f"token id {t} outside the vocabulary (size {config.vocab_size})")
+    cache = {"lengths": lengths}
+    x, cache["emb"] = ops.embedding_forward(tokens, positions, params["wte"],
+                                            position_table(params, config))
+    if config.emb_norm:
+        x, cache["emb_norm"] = norm_forward(x, params, "emb_norm", config)
+    for l in range(config.n_layer):
+        x, cache[f"layer{l}"] = block_forward(x, params, l, config, lengths,
+                                              None if kv is None else kv[l])
+    if config.final_norm:
+        x, cache["final_norm"] = norm_forward(x, params, "final_norm", config)
+    logits, cache["lm_head"] = ops.linear_forward(x, lm_head_weight(params, config))
+    return logits, cache
+
+
+def backward(dlogits, cache, params: dict, grads: dict, config: GPTConfig) -> None:
+    """Accumulate into `grads` (same structure as params) the gradient behind dlogits."""
+    dx = ops.linear_backward(dlogits, cache["lm_head"],
+                             grads["wte"] if config.tie_embeddings else grads["lm_head"])
+    if config.final_norm:
+        dx = norm_backward(dx, cache["final_norm"], grads, "final_norm", config)
+    for l in reversed(range(config.n_layer)):
+        dx = block_backward(dx, cache[f"layer{l}"], grads, l, config)
+    if config.emb_norm:
+        dx = norm_backward(dx, cache["emb_norm"], grads, "emb_norm", config)
+    ops.embedding_backward(dx, cache["emb"], grads["wte"], grads.get("wpe"))
+
+
+def loss_and_grads(params, config, inputs, targets, grads=None, dloss=1.0):
+    """Forward, mean cross-entropy over all target positions (targets -1 ignored), backward.
+
+    Gradients are accumulated into `grads` (fresh zeros when None); returns (loss, grads, n)
+    where n counts the positions with a target.
+    """
+    logits, cache = forward(params, config, inputs)
+    flat_targets = [y for seq in targets for y in seq]
+    loss, lcache = ops.cross_entropy_forward(logits, flat_targets)
+    if grads is None:
+        grads = zeros_like(params)
+    backward(ops.cross_entropy_backward(dloss, lcache), cache, params, grads, config)
+    return loss, grads, lcache[2]
+
+
+def evaluate_loss(params, config, inputs, targets) -> tuple[float, int]:
+    """Mean cross-entropy without a backward pass; returns (loss, number of target positions)."""
+    logits, _ = forward(params, config, inputs)
+    loss, lcache = ops.cross_entropy_forward(logits, [y for seq in targets for y in seq])
+    return loss, lcache[2]
+
+
+def new_kv_cache(config: GPTConfig) -> list:
+    """Per layer [keys, values]: the rows of every position decoded so far."""
+    return [[[], []] for _ in range(config.n_layer)]

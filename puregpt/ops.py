@@ -1,0 +1,364 @@
+"""The operations of a GPT, each forward next to its hand-derived backward.
+
+Convention (llm.c style): `x_forward(...)` returns `(out, cache)`; `x_backward(dout, cache, ...)`
+returns the gradient with respect to the op's input and *accumulates* (+=) the gradients of the
+op's parameters into the `d`-prefixed buffers it is given.
+
+Tensors are plain Python lists: a matrix is a list of rows. Activations are (N, C) with one row
+per position; N is every position of every sequence in the batch, laid end to end, so all ops but
+attention treat the batch as one long list of rows. Dimension names: N positions, C channels,
+V vocabulary, T sequence length, hd head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import repeat
+from operator import add, mul
+
+# --- the inner product, the only place where time is spent ------------------------------------
+
+if hasattr(math, "sumprod"):  # Python 3.12+: C loop with extended precision, ~3x the fallback
+    _sumprod = math.sumprod
+
+    def matvec(W, x):
+        """W @ x for W (out, in), x (in,) -> (out,)."""
+        return list(map(_sumprod, W, repeat(x)))
+
+else:
+
+    def matvec(W, x):
+        """W @ x for W (out, in), x (in,) -> (out,)."""
+        # sum(map(mul, ...)) keeps the per-element loop in C: ~2x a generator expression
+        return [sum(map(mul, w, x)) for w in W]
+
+
+def transpose(M):
+    """(rows, cols) -> (cols, rows); zip runs in C, so this is cheap next to any matmul."""
+    return list(zip(*M))
+
+
+def add_into(dst, src):
+    """dst += src for two vectors, in place (the list object stays the same)."""
+    dst[:] = map(add, dst, src)
+
+
+def add_into_rows(A, B):
+    """A += B for two (N, C) matrices, in place."""
+    for a, b in zip(A, B):
+        a[:] = map(add, a, b)
+
+
+def add_rows(A, B):
+    """A + B for two (N, C) matrices (a residual connection)."""
+    return [list(map(add, a, b)) for a, b in zip(A, B)]
+
+
+# --- linear: Y = X W^T + b ---------------------------------------------------------------------
+
+
+def linear_forward(X, W, b=None):
+    """X (N, in), W (out, in) as PyTorch stores it, b (out,) or None -> Y (N, out)."""
+    Y = [matvec(W, x) for x in X]
+    if b is not None:
+        Y = [list(map(add, y, b)) for y in Y]
+    return Y, (X, W)
+
+
+def linear_backward(dY, cache, dW, db=None):
+    """dX = dY W;  dW += dY^T X;  db += sum over positions of dY."""
+    X, W = cache
+    WT = transpose(W)  # (in, out): a column of W becomes a row, so dX is row-times-row dots
+    dX = [matvec(WT, dy) for dy in dY]
+    # dW[o][i] = sum_n dY[n][o] X[n][i]: dot products along the position axis (length N) run
+    # about 2x faster than N separate outer-product updates of dW.
+    dYT, XT = transpose(dY), transpose(X)  # (out, N), (in, N)
+    for dw_row, g in zip(dW, dYT):
+        add_into(dw_row, matvec(XT, g))
+    if db is not None:
+        add_into(db, map(sum, dYT))
+    return dX
+
+
+# --- embedding: X[n] = wte[token_n] (+ positional row) ------------------------------------------
+
+
+def embedding_forward(tokens, positions, wte, wpe):
+    """tokens, positions: (N,) ints; wte (V, C); wpe (block_size, C) table or None -> X (N, C).
+
+    wpe is either a learned parameter or the fixed sinusoidal table; the sum is the same.
+    """
+    if wpe is None:
+        X = [list(wte[t]) for t in tokens]
+    else:
+        X = [list(map(add, wte[t], wpe[p])) for t, p in zip(tokens, positions)]
+    return X, (tokens, positions)
+
+
+def embedding_backward(dX, cache, dwte, dwpe=None):
+    """A lookup routes each row's gradient back to the table row it came from: dwte[t] += dX[n]."""
+    tokens, positions = cache
+    for dx, t, p in zip(dX, tokens, positions):
+        add_into(dwte[t], dx)
+        if dwpe is not None:
+            add_into(dwpe[p], dx)
+
+
+def sinusoidal_table(block_size, C):
+    """Fixed positions of Vaswani et al. (2017): PE[p][2i] = sin(p / 10000^(2i/C)), [2i+1] = cos."""
+    table = []
+    for p in range(block_size):
+        row = []
+        for j in range(C):
+            angle = p / 10000 ** ((j - j % 2) / C)
+            row.append(math.sin(angle) if j % 2 == 0 else math.cos(angle))
+        table.append(row)
+    return table
+
+
+# --- normalization -----------------------------------------------------------------------------
+
+
+def rmsnorm_forward(X, gain=None, eps=1e-5):
+    """y = x / sqrt(mean(x^2) + eps) (* gain). X (N, C) -> Y (N, C)."""
+    C = len(X[0])
+    xhats, rstds = [], []
+    for x in X:
+        rstd = (sum(map(mul, x, x)) / C + eps) ** -0.5
+        xhats.append([xi * rstd for xi in x])
+        rstds.append(rstd)
+    Y = xhats if gain is None else [list(map(mul, xh, gain)) for xh in xhats]
+    return Y, (xhats, rstds, gain)
+
+
+def rmsnorm_backward(dY, cache, dgain=None):
+    """With r = (mean(x^2)+eps)^-1/2 and xhat = x r: dx = r (dxhat - xhat mean(dxhat * xhat)).
+
+    (dr/dx_i = -r^3 x_i / C, so the second term is the gradient flowing through the scale r.)
+    """
+    xhats, rstds, gain = cache
+    C = len(xhats[0])
+    if gain is not None:
+        for dy, xh in zip(dY, xhats):
+            add_into(dgain, map(mul, dy, xh))  # y = gain * xhat
+        dY = [list(map(mul, dy, gain)) for dy in dY]
+    dX = []
+    for dxh, xh, r in zip(dY, xhats, rstds):
+        proj = sum(map(mul, dxh, xh)) / C
+        dX.append([(g - x * proj) * r for g, x in zip(dxh, xh)])
+    return dX
+
+
+def layernorm_forward(X, gain=None, bias=None, eps=1e-5):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) (* gain + bias), var biased (divides by C)."""
+    C = len(X[0])
+    xhats, rstds = [], []
+    for x in X:
+        mu = sum(x) / C
+        xc = [xi - mu for xi in x]
+        rstd = (sum(map(mul, xc, xc)) / C + eps) ** -0.5
+        xhats.append([xi * rstd for xi in xc])
+        rstds.append(rstd)
+    Y = xhats
+    if gain is not None:
+        Y = [list(map(mul, xh, gain)) for xh in Y]
+    if bias is not None:
+        Y = [list(map(add, y, bias)) for y in Y]
+    return Y, (xhats, rstds, gain)
+
+
+def layernorm_backward(dY, cache, dgain=None, dbias=None):
+    """dx = r (dxhat - mean(dxhat) - xhat mean(dxhat * xhat)): the two means undo the centring
+    and the scaling, as in rmsnorm with one more projection (onto the all-ones direction)."""
+    xhats, rstds, gain = cache
+    C = len(xhats[0])
+    if dbias is not None:
+        for dy in dY:
+            add_into(dbias, dy)
+    if gain is not None:
+        for dy, xh in zip(dY, xhats):
+            add_into(dgain, map(mul, dy, xh))
+        dY = [list(map(mul, dy, gain)) for dy in dY]
+    dX = []
+    for dxh, xh, r in zip(dY, xhats, rstds):
+        mean_g = sum(dxh) / C
+        proj = sum(map(mul, dxh, xh)) / C
+        dX.append([(g - mean_g - x * proj) * r for g, x in zip(dxh, xh)])
+    return dX
+
+
+# --- activations -------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def relu_forward(X):
+    return [[x if x > 0.0 else 0.0 for x in row] for row in X], X
+
+
+def relu_backward(dY, X):
+    """d relu(x)/dx = 1 where x > 0, else 0."""
+    return [[g if x > 0.0 else 0.0 for g, x in zip(dy, row)] for dy, row in zip(dY, X)]
+
+
+def gelu_forward(X):
+    """Exact GELU: x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    erf = math.erf
+    return [[0.5 * x * (1.0 + erf(x * _INV_SQRT_2)) for x in row] for row in X], X
+
+
+def gelu_backward(dY, X):
+    """d/dx x Phi(x) = Phi(x) + x phi(x), phi the standard normal density."""
+    erf, exp = math.erf, math.exp
+    return [[g * (0.5 * (1.0 + erf(x * _INV_SQRT_2)) + x * _INV_SQRT_2PI * exp(-0.5 * x * x))
+             for g, x in zip(dy, row)] for dy, row in zip(dY, X)]
+
+
+def gelu_tanh_forward(X):
+    """GPT-2's GELU: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)."""
+    tanh = math.tanh
+    return [[0.5 * x * (1.0 + tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))) for x in row]
+            for row in X], X
+
+
+def gelu_tanh_backward(dY, X):
+    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx, t = tanh(u), du/dx = sqrt(2/pi)(1 + 3·0.044715 x^2)."""
+    tanh = math.tanh
+    out = []
+    for dy, row in zip(dY, X):
+        drow = []
+        for g, x in zip(dy, row):
+            t = tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+            du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+            drow.append(g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du))
+        out.append(drow)
+    return out
+
+
+ACTIVATIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward),
+}
+
+
+# --- softmax -----------------------------------------------------------------------------------
+
+
+def softmax(z):
+    """exp(z - max z) / sum: subtracting the max changes nothing mathematically and keeps exp()
+    from overflowing."""
+    m = max(z)
+    e = [math.exp(zi - m) for zi in z]
+    s = sum(e)
+    return [ei / s for ei in e]
+
+
+# --- causal self-attention over one sequence ---------------------------------------------------
+
+
+def attention_forward(Q, K, V, n_head):
+    """Multi-head causal attention for one sequence.
+
+    Q (Tq, C); K, V (Tk, C) with Tk >= Tq: the queries are the *last* Tq positions of the
+    sequence (Tq == Tk in training; Tq == 1 when decoding with a KV cache). Query i sits at
+    position p = Tk - Tq + i and may look at keys 0..p. Per head h (channels h*hd:(h+1)*hd):
+        scores[u] = q . k_u / sqrt(hd) for u <= p   (the causal mask: u > p is never scored,
+                                                     exactly as if set to -inf before softmax)
+        a = softmax(scores);  out = sum_u a[u] v_u
+    Returns out (Tq, C) and a cache holding every head's attention weights.
+    """
+    Tq, Tk, C = len(Q), len(K), len(Q[0])
+    hd = C // n_head
+    scale = 1.0 / math.sqrt(hd)
+    offset = Tk - Tq
+    out = [[0.0] * C for _ in range(Tq)]
+    weights = []  # per head: Tq rows of Tk weights (zeros past the mask)
+    for h in range(n_head):
+        lo, hi = h * hd, (h + 1) * hd
+        k = [row[lo:hi] for row in K]  # (Tk, hd)
+        vT = transpose([row[lo:hi] for row in V])  # (hd, Tk): out = a . columns of v
+        zeros = [0.0] * Tk
+        A = []
+        for i in range(Tq):
+            p = offset + i
+            a = softmax([s * scale for s in matvec(k[:p + 1], Q[i][lo:hi])])  # (p+1,)
+            a += zeros[p + 1:]  # masked keys carry weight exactly 0
+            out[i][lo:hi] = matvec(vT, a)
+            A.append(a)
+        weights.append(A)
+    return out, (Q, K, V, n_head, weights)
+
+
+def attention_backward(dout, cache):
+    """Gradients of Q, K, V. Per head, with s the scaled scores and a = softmax(s):
+        da[i][u] = dout_i . v_u          dv_u = sum_i a[i][u] dout_i
+        ds[i][u] = a[i][u] (da[i][u] - sum_w a[i][w] da[i][w])     (softmax Jacobian)
+        dq_i = scale sum_u ds[i][u] k_u  dk_u = scale sum_i ds[i][u] q_i
+    Masked entries have a = 0, hence ds = 0: no gradient crosses the causal mask.
+    """
+    Q, K, V, n_head, weights = cache
+    Tq, Tk, C = len(Q), len(K), len(Q[0])
+    hd = C // n_head
+    scale = 1.0 / math.sqrt(hd)
+    dQ = [[0.0] * C for _ in range(Tq)]
+    dK = [[0.0] * C for _ in range(Tk)]
+    dV = [[0.0] * C for _ in range(Tk)]
+    for h, A in enumerate(weights):
+        lo, hi = h * hd, (h + 1) * hd
+        q = [row[lo:hi] for row in Q]  # (Tq, hd)
+        k = [row[lo:hi] for row in K]  # (Tk, hd)
+        v = [row[lo:hi] for row in V]  # (Tk, hd)
+        do = [row[lo:hi] for row in dout]  # (Tq, hd)
+        dS = []
+        for a, g in zip(A, do):
+            da = matvec(v, g)  # (Tk,)
+            dot_ada = sum(map(mul, a, da))
+            dS.append([ai * (dai - dot_ada) * scale for ai, dai in zip(a, da)])  # scale folded in
+        AT, dST, doT, qT, kT = transpose(A), transpose(dS), transpose(do), transpose(q), transpose(k)
+        for u in range(Tk):
+            dV[u][lo:hi] = matvec(doT, AT[u])  # sum_i a[i][u] dout_i
+            dK[u][lo:hi] = matvec(qT, dST[u])  # sum_i ds[i][u] q_i
+        for i in range(Tq):
+            dQ[i][lo:hi] = matvec(kT, dS[i])  # sum_u ds[i][u] k_u
+    return dQ, dK, dV
+
+
+# --- loss: mean cross-entropy ------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean over positions of -log softmax(logits[n])[targets[n]]; targets of -1 are ignored.
+
+    Computed stably as logsumexp(z) - z[y] with the max subtracted inside the exp.
+    Returns (loss, cache); the cache keeps the probabilities for the backward pass.
+    """
+    total, count, probs = 0.0, 0, []
+    for z, y in zip(logits, targets):
+        m = max(z)
+        e = [math.exp(zi - m) for zi in z]
+        s = sum(e)
+        probs.append([ei / s for ei in e])
+        if y >= 0:
+            total += math.log(s) + m - z[y]
+            count += 1
+    if count == 0:
+        raise ValueError("cross-entropy over zero target positions")
+    return total / count, (probs, targets, count)
+
+
+def cross_entropy_backward(dloss, cache):
+    """d loss / d z = (softmax(z) - onehot(y)) / count, times the upstream dloss."""
+    probs, targets, count = cache
+    g = dloss / count
+    dlogits = []
+    for p, y in zip(probs, targets):
+        if y < 0:
+            dlogits.append([0.0] * len(p))
+            continue
+        row = [pi * g for pi in p]
+        row[y] -= g
+        dlogits.append(row)
+    return dlogits

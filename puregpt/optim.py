@@ -1,0 +1,91 @@
+"""Adam with bias correction and decoupled weight decay (AdamW), learning-rate schedules, and
+gradient-norm clipping.
+
+Per parameter, at step t = 1, 2, ...:
+    p = p - lr wd p                                (decoupled weight decay; skipped when wd = 0)
+    m = beta1 m + (1 - beta1) g                    (running mean of gradients)
+    v = beta2 v + (1 - beta2) g^2                  (running mean of squared gradients)
+    p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+The divisions by 1 - beta^t undo the bias of m and v towards their zero start.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import TrainConfig
+
+
+def _rows(t):
+    """A matrix is its list of rows; a vector is treated as a single row."""
+    return t if isinstance(t[0], list) else [t]
+
+
+def decays(name: str, tensor) -> bool:
+    """Weight decay applies to the matrices of matmuls: not to norms, biases or embeddings
+    (wte, wpe), which the usual recipe leaves undecayed because shrinking them toward zero
+    only fights the normalization or the lookup."""
+    return isinstance(tensor[0], list) and name not in ("wte", "wpe")
+
+
+def new_state(params: dict) -> dict:
+    """Optimizer state: the step count and the first and second moments, shaped like params."""
+    zeros = {n: [[0.0] * len(r) for r in _rows(t)] for n, t in params.items()}
+    return {"step": 0, "m": zeros, "v": {n: [list(r) for r in t] for n, t in zeros.items()}}
+
+
+def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, beta2: float,
+               eps: float, weight_decay: float = 0.0) -> None:
+    """One AdamW update of every parameter, in place."""
+    state["step"] += 1
+    t = state["step"]
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    for name, tensor in params.items():
+        wd = weight_decay if decays(name, tensor) else 0.0
+        for p, g, m, v in zip(_rows(tensor), _rows(grads[name]), state["m"][name],
+                              state["v"][name]):
+            if wd:
+                p[:] = [pi * (1 - lr * wd) for pi in p]
+            m[:] = [beta1 * mi + (1 - beta1) * gi for mi, gi in zip(m, g)]
+            v[:] = [beta2 * vi + (1 - beta2) * gi * gi for vi, gi in zip(v, g)]
+            p[:] = [pi - lr * (mi / bc1) / ((vi / bc2) ** 0.5 + eps)
+                    for pi, mi, vi in zip(p, m, v)]
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Learning rate for 0-based `step` of tc.steps.
+
+    linear: warmup, then decay to zero, lr (1 - s / steps) without warmup (microgpt's rule).
+    cosine: warmup, then half a cosine from lr down to lr * min_lr_frac.  constant: warmup, lr.
+    """
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    if tc.schedule == "constant":
+        return tc.lr
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    if tc.schedule == "linear":
+        return tc.lr * (1 - progress)
+    floor = tc.lr * tc.min_lr_frac
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def grad_norm(grads: dict) -> float:
+    return math.sqrt(sum(sum(x * x for x in row) for g in grads.values() for row in _rows(g)))
+
+
+def clip_grads(grads: dict, max_norm: float) -> float:
+    """Scale all gradients so that their global L2 norm is at most max_norm; return the norm
+    before clipping."""
+    norm = grad_norm(grads)
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            for row in _rows(g):
+                row[:] = [x * scale for x in row]
+    return norm
+
+
+def zero_grads(grads: dict) -> None:
+    for g in grads.values():
+        for row in _rows(g):
+            row[:] = [0.0] * len(row)
