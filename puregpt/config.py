@@ -19,6 +19,7 @@ CHOICES = {
     "schedule": ("linear", "cosine", "constant"),
     "mode": ("auto", "docs", "stream"),
     "long_docs": ("split", "truncate"),
+    "log_format": ("full", "microgpt"),
 }
 
 
@@ -126,13 +127,15 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation evaluations (0 = only at the end)
     eval_tokens: int = 20000  # validation positions per evaluation (fixed sample)
     workers: int = 0  # processes splitting each batch; 0 = one per core
+    log_every: int = 0  # steps between plain log lines (0 = about 20 lines per run)
+    log_format: str = "full"  # full | microgpt (exactly microgpt's "step s / n | loss x" lines)
 
     def __post_init__(self):
         _check_types(self)
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "eval_tokens", "workers"):
+        for name in ("warmup", "eval_every", "eval_tokens", "workers", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -152,6 +155,12 @@ class TrainConfig:
         return _from_dict(cls, d)
 
 
+# Training settings that may change when a run is resumed: they shape the optimizer's future or
+# the reporting, not the data order or the model, so the run stays a continuation of itself.
+RESUMABLE_CHANGES = ("steps", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup",
+                     "min_lr_frac", "grad_clip", "eval_every", "eval_tokens", "workers",
+                     "log_every", "log_format")
+
 # Presets: name -> {"model": GPTConfig overrides, "train": TrainConfig overrides}.
 PRESETS: dict[str, dict[str, dict]] = {
     # Karpathy's microgpt, number for number: one document per step, no validation split,
@@ -159,7 +168,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     "microgpt": {
         "model": dict(n_layer=1, n_embd=16, n_head=4, block_size=16),
         "train": dict(steps=1000, batch_size=1, lr=0.01, schedule="linear", val_fraction=0.0,
-                      long_docs="truncate", eval_every=0, workers=1, mode="docs"),
+                      long_docs="truncate", eval_every=0, workers=1, mode="docs",
+                      log_every=1, log_format="microgpt"),
     },
     # The default for `puregpt train`: the microgpt architecture, widened and trained on batches.
     "default": {

@@ -1,0 +1,303 @@
+"""The `puregpt` command: train, sample, score, info, plot (and `python -m puregpt`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+from dataclasses import fields
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import CHOICES, PRESETS, ConfigError, GPTConfig, TrainConfig, preset
+from .data import DataError, doc_examples, read_text
+from .train import Interrupted, TrainingError
+
+MODEL_HELP = {
+    "block_size": "longest context in tokens (default 16)",
+    "n_layer": "transformer blocks (default 1)",
+    "n_embd": "embedding width C (default 16)",
+    "n_head": "attention heads; must divide n_embd (default 4)",
+    "pos": "positions added to token embeddings: learned, sinusoidal (fixed) or none",
+    "norm": "normalization: rmsnorm or layernorm",
+    "norm_affine": "learnable gain (and bias, for layernorm) in every norm",
+    "norm_position": "pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (2017 Transformer)",
+    "emb_norm": "normalize the embedding sum before the first block (microgpt)",
+    "final_norm": "normalize before lm_head (GPT-2's ln_f)",
+    "activation": "MLP activation: relu, gelu (exact erf) or gelu_tanh (GPT-2's approximation)",
+    "bias": "biases in the attention and MLP linear layers",
+    "tie_embeddings": "lm_head shares the token embedding matrix wte",
+    "init_std": "standard deviation of the initial weights (default 0.08)",
+    "scaled_init": "GPT-2 init: attn_wo and mlp_fc2 get init_std / sqrt(2 n_layer)",
+    "norm_eps": "epsilon inside the norms' square root (default 1e-5)",
+}
+TRAIN_HELP = {
+    "steps": "optimizer steps",
+    "batch_size": "documents (docs mode) or windows (stream mode) per micro-batch",
+    "grad_accum": "micro-batches accumulated per optimizer step",
+    "lr": "peak learning rate",
+    "beta1": "Adam's first-moment decay",
+    "beta2": "Adam's second-moment decay",
+    "eps": "Adam's epsilon",
+    "weight_decay": "decoupled (AdamW) weight decay on matmul weights (not norms, biases or "
+                    "embeddings)",
+    "schedule": "learning-rate schedule: linear (to zero), cosine, constant",
+    "warmup": "steps of linear warmup",
+    "min_lr_frac": "cosine schedule ends at lr * this",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "seed": "random seed for the data order, the split, the initial weights and the windows",
+    "mode": "auto, docs (one document per line) or stream (continuous text)",
+    "long_docs": "documents longer than block_size: split into windows or truncate",
+    "val_fraction": "share of the data held out for validation",
+    "eval_every": "steps between validation evaluations (0: only at the end)",
+    "eval_tokens": "validation positions per evaluation (0: the whole split)",
+    "workers": "processes that split each batch (0: one per core)",
+    "log_every": "steps between plain progress lines (0: about 20 per run)",
+    "log_format": "full, or microgpt (its exact per-step lines on stdout)",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(parser, cls, helps: dict) -> None:
+    """One flag per config field; defaults are None so we know which flags were given."""
+    for f in fields(cls):
+        if f.name == "vocab_size":
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(f.type)
+        if f.type == "bool":
+            parser.add_argument(_flag(f.name), dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=helps[f.name])
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
+                                choices=CHOICES.get(f.name), help=helps[f.name],
+                                metavar=None if f.name in CHOICES else f.name.upper())
+
+
+def _given(args, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if getattr(args, f.name, None) is not None}
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory means its best checkpoint (or its last, without validation)."""
+    if os.path.isdir(path):
+        for name in ("best.safetensors", "last.safetensors"):
+            if os.path.exists(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise CheckpointError(f"{path} holds no checkpoint (best.safetensors or "
+                              f"last.safetensors); train one with: puregpt train --out {path}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such run directory or checkpoint: {path}")
+    return path
+
+
+def _load(path: str):
+    path = resolve_checkpoint(path)
+    return path, load_checkpoint(path)
+
+
+def _is_docs(ckpt) -> bool:
+    return ckpt.trainer.get("mode", "docs") == "docs"
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    given_model, given_train = _given(args, GPTConfig), _given(args, TrainConfig)
+    if args.resume:
+        if args.preset:
+            raise ConfigError("--preset applies to new runs; a resumed run keeps its own settings")
+        if given_model:
+            raise ConfigError("cannot change the model of a run being resumed (got "
+                              + ", ".join(_flag(k) for k in given_model) + ")")
+        train(None, None, args.data, args.resume, resume=True, overrides=given_train,
+              quiet=args.quiet, samples=args.samples or 0)
+        return 0
+    chosen = preset(args.preset or "default")
+    model_cfg = GPTConfig.from_dict({**chosen["model"], **given_model})
+    train_cfg = TrainConfig.from_dict({**chosen["train"], **given_train})
+    samples = args.samples
+    if samples is None:
+        samples = 20 if train_cfg.log_format == "microgpt" else 10
+    train(None if args.init_from else model_cfg, train_cfg, args.data, args.out,
+          init_from=args.init_from and resolve_checkpoint(args.init_from), force=args.force,
+          quiet=args.quiet, samples=samples)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sample import generate_text
+    path, ckpt = _load(args.run)
+    docs = _is_docs(ckpt)
+    rng = random.Random(args.seed)
+    shape = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p)
+    ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
+    for i in range(args.num_samples):
+        sys.stdout.write(args.prompt)
+        generate_text(ckpt.params, ckpt.config, ckpt.tokenizer, args.prompt, docs_mode=docs,
+                      max_new_tokens=args.max_new_tokens, stop=args.stop, rng=rng,
+                      on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                      **shape)
+        sys.stdout.write("\n" if docs else "\n\n" if i + 1 < args.num_samples else "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .sample import score_ids
+    path, ckpt = _load(args.model)
+    if not args.texts and not args.data:
+        raise ConfigError("give documents to score, or --data FILE")
+    tok, cfg = ckpt.tokenizer, ckpt.config
+    docs = _is_docs(ckpt)
+    if args.texts:
+        print(f"{'logprob':>10} {'loss/token':>10} {'tokens':>6}  text")
+        for text in args.texts:
+            ids = tok.encode_doc(text) if docs else tok.encode(text)
+            if len(ids) < 2:
+                raise ConfigError(f"{text!r} is too short to score (needs 2 tokens)")
+            logprob, n = score_ids(ckpt.params, cfg, ids)
+            print(f"{logprob:10.4f} {-logprob / n:10.4f} {n:6d}  {text}")
+    if args.data:
+        text = read_text(args.data)
+        total, count = 0.0, 0
+        if docs:
+            for line in text.split("\n"):
+                if line.strip():
+                    lp, n = score_ids(ckpt.params, cfg, tok.encode_doc(line.strip()))
+                    total, count = total + lp, count + n
+        else:
+            ids = tok.encode(text)
+            for s in range(0, len(ids) - 1, cfg.block_size):  # consecutive windows
+                lp, n = score_ids(ckpt.params, cfg, ids[s:s + cfg.block_size + 1], "truncate")
+                total, count = total + lp, count + n
+        if count == 0:
+            raise DataError(f"{args.data} has nothing to score")
+        loss = -total / count
+        print(f"{args.data}: {count:,} tokens | mean loss {loss:.4f} nats/token | "
+              f"perplexity {math.exp(loss):.3f}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .model import num_params
+    path, ckpt = _load(args.run)
+    cfg, tok = ckpt.config, ckpt.tokenizer
+    print(f"checkpoint: {path}")
+    print(f"step: {ckpt.step}" + (f" of {ckpt.train_config.steps}" if ckpt.train_config else ""))
+    print(f"parameters: {num_params(ckpt.params):,}")
+    print("model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    if ckpt.train_config:
+        print("training: " + ", ".join(f"{k}={v}" for k, v in ckpt.train_config.to_dict().items()))
+    if ckpt.trainer.get("data"):
+        print(f"data: {ckpt.trainer['data']} ({ckpt.trainer.get('mode')} mode)")
+    if ckpt.trainer.get("best_val") is not None:
+        print(f"best validation loss: {ckpt.trainer['best_val']:.4f}")
+    if tok.kind == "char":
+        print(f"vocabulary: {tok.vocab_size} tokens: {''.join(tok.chars)!r} + BOS (id {tok.bos})")
+    else:
+        print(f"vocabulary: {tok.vocab_size} byte-level BPE tokens (BOS id {tok.bos})")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .checkpoint import atomic_write
+    from .plot import read_metrics, render_loss_svg
+    metrics = os.path.join(args.run, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        raise DataError(f"{args.run} has no metrics.jsonl (is it a run directory?)")
+    out = args.output or os.path.join(args.run, "loss.svg")
+    atomic_write(out, [render_loss_svg(read_metrics(metrics), log_scale=args.log_scale).encode()])
+    print(out)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="puregpt", description="A GPT in pure Python: train it, "
+                                "sample from it, score text with it.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (default: on the bundled names)",
+                       description="Train a GPT. Settings come from --preset (default: "
+                       "'default'), then from the flags given.")
+    t.add_argument("--data", help="UTF-8 text file: one document per line, or continuous text "
+                   "(default: the bundled US first names)")
+    t.add_argument("--out", default="run", help="run directory for checkpoints, metrics and "
+                   "the loss plot (default: ./run)")
+    t.add_argument("--preset", choices=list(PRESETS), help="named settings to start from")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it "
+                   "stopped (steps, lr and other optimizer settings may change)")
+    t.add_argument("--init-from", metavar="CKPT", help="start from a checkpoint's weights and "
+                   "vocabulary with a fresh optimizer (fine-tuning)")
+    t.add_argument("--force", action="store_true", help="replace a run already in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.add_argument("--samples", type=int, metavar="N", help="documents to print after training "
+                   "(default 10; 20 with --log-format microgpt)")
+    _add_dataclass_flags(t.add_argument_group("model"), GPTConfig, MODEL_HELP)
+    _add_dataclass_flags(t.add_argument_group("training"), TrainConfig, TRAIN_HELP)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate text from a trained model")
+    s.add_argument("run", nargs="?", default="run", help="run directory or checkpoint file "
+                   "(default: ./run; a directory means its best checkpoint)")
+    s.add_argument("-n", "--num-samples", type=int, default=10, help="how many (default 10)")
+    s.add_argument("--temperature", type=float, default=0.5, help="below 1 sharpens, above 1 "
+                   "flattens the distribution (default 0.5)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens "
+                   "(0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely "
+                   "tokens whose probability reaches p (nucleus; 1: all)")
+    s.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    s.add_argument("--prompt", default="", help="text the generation continues")
+    s.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default: "
+                   "block_size for documents, 256 for continuous text)")
+    s.add_argument("--stop", help="end a sample just before this string")
+    s.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("score", help="log-probability of documents under a model")
+    c.add_argument("texts", nargs="*", metavar="TEXT", help="documents to score")
+    c.add_argument("-m", "--model", default="run", help="run directory or checkpoint "
+                   "(default: ./run)")
+    c.add_argument("--data", help="report mean loss and perplexity over this file")
+    c.set_defaults(func=cmd_score)
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("run", nargs="?", default="run", help="run directory or checkpoint file")
+    i.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plot", help="draw a run's loss curves as SVG")
+    pl.add_argument("run", help="run directory")
+    pl.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
+    pl.add_argument("-o", "--output", help="SVG file (default: DIR/loss.svg)")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `puregpt sample | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
+    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError, OSError) as e:
+        print(f"puregpt: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1

@@ -1,0 +1,134 @@
+"""Generating and scoring text.
+
+Generation feeds the context once, then one token at a time through the KV cache, so each new
+token costs one position's worth of work. The next token's distribution is shaped, in this
+order, by temperature (logits / T: below 1 sharpens, above 1 flattens), top-k (keep the k most
+likely tokens) and top-p (keep the smallest set of most likely tokens whose probability reaches
+p, the "nucleus"), then renormalized and drawn from; greedy takes the argmax instead.
+
+Sliding context: the model sees at most block_size tokens. When the context outgrows that, the
+oldest tokens are dropped and the last block_size tokens are fed afresh at positions
+0..block_size-1 (the positions of every kept token change, so the KV cache is rebuilt): from then
+on each new token costs a forward pass over a whole block.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+from . import model, ops
+from .data import doc_examples
+
+
+def shape_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> list[float]:
+    """The sampling distribution over the vocabulary after temperature, top-k and top-p."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy decoding "
+                         f"for the temperature -> 0 limit")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"top_k must be >= 0 and top_p in (0, 1]; got {top_k}, {top_p}")
+    probs = ops.softmax([z / temperature for z in logits])
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])  # most likely first (stable)
+    keep = len(order)
+    if top_k:
+        keep = min(keep, top_k)
+    if top_p < 1.0:
+        kept_mass = sum(probs[i] for i in order[:keep])
+        mass, n = 0.0, 0
+        for i in order[:keep]:  # smallest prefix whose (renormalized) mass reaches p
+            mass += probs[i] / kept_mass
+            n += 1
+            if mass >= top_p:
+                break
+        keep = n
+    if keep < len(order):
+        allowed = set(order[:keep])
+        probs = [p if i in allowed else 0.0 for i, p in enumerate(probs)]
+        total = sum(probs)
+        probs = [p / total for p in probs]
+    return probs
+
+
+def pick(logits: list[float], rng: random.Random, temperature: float = 1.0, top_k: int = 0,
+         top_p: float = 1.0, greedy: bool = False) -> int:
+    """Choose the next token id."""
+    if greedy:
+        return max(range(len(logits)), key=logits.__getitem__)
+    probs = shape_probs(logits, temperature, top_k, top_p)
+    return rng.choices(range(len(probs)), weights=probs)[0]
+
+
+def generate(params: dict, config, context: list[int], max_new_tokens: int,
+             rng: random.Random, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             greedy: bool = False, stop_token: int | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids continuing `context` (at least one token),
+    stopping early when stop_token is drawn (it is not yielded)."""
+    if not context:
+        raise ValueError("generation needs a context of at least one token (e.g. BOS)")
+    tokens = list(context)
+    window = tokens[-config.block_size:]
+    kv = model.new_kv_cache(config)
+    logits, _ = model.forward(params, config, [window], kv=kv)
+    for _ in range(max_new_tokens):
+        token = pick(logits[-1], rng, temperature, top_k, top_p, greedy)
+        if token == stop_token:
+            return
+        yield token
+        tokens.append(token)
+        if len(kv[0][0]) < config.block_size:  # room left: one more position through the cache
+            logits, _ = model.forward(params, config, [[token]], kv=kv,
+                                      start_pos=len(kv[0][0]))
+        else:  # the window slides: rebuild the cache from the last block_size tokens
+            kv = model.new_kv_cache(config)
+            logits, _ = model.forward(params, config, [tokens[-config.block_size:]], kv=kv)
+
+
+def generate_text(params, config, tokenizer, prompt: str = "", docs_mode: bool = True,
+                  max_new_tokens: int | None = None, stop: str | None = None, rng=None,
+                  on_text=None, **shape) -> str:
+    """Generate one document (docs mode: starts at BOS, ends at BOS) or a continuation of text
+    (stream mode); returns the generated text, without the prompt. `on_text(piece)` receives the
+    text as it is produced (streaming). Stops at BOS, after max_new_tokens (default: block_size
+    in docs mode, 256 in stream mode), or just before the first occurrence of `stop`."""
+    rng = rng or random.Random()
+    prompt_ids = tokenizer.encode(prompt)  # raises, naming any character outside the vocabulary
+    context = prompt_ids if (prompt_ids and not docs_mode) else [tokenizer.bos] + prompt_ids
+    if max_new_tokens is None:
+        max_new_tokens = config.block_size if docs_mode else 256
+    new_ids, text = [], ""
+    for token in generate(params, config, context, max_new_tokens, rng,
+                          stop_token=tokenizer.bos, **shape):
+        new_ids.append(token)
+        decoded = tokenizer.decode(new_ids)
+        if decoded.endswith("\ufffd"):  # a character split across BPE tokens: await the rest
+            continue
+        stopped = bool(stop) and stop in decoded
+        if stopped:
+            decoded = decoded[:decoded.index(stop)]
+        if on_text and len(decoded) > len(text):
+            on_text(decoded[len(text):])
+        text = decoded
+        if stopped:
+            return text
+    decoded = tokenizer.decode(new_ids)  # flush a trailing incomplete character, if any
+    if on_text and len(decoded) > len(text):
+        on_text(decoded[len(text):])
+    return decoded
+
+
+def score_ids(params, config, ids: list[int], long_docs: str = "split") -> tuple[float, int]:
+    """Total log-probability (natural log) of ids[1:] given what precedes them, and how many
+    tokens that is. Longer sequences are scored in half-overlapping windows (see data.py)."""
+    examples = doc_examples(ids, config.block_size, long_docs)
+    logits, _ = model.forward(params, config, [x for x, _ in examples])
+    targets = [y for _, ys in examples for y in ys]
+    logprob, n = 0.0, 0
+    for z, y in zip(logits, targets):
+        if y >= 0:
+            m = max(z)
+            logprob += z[y] - m - math.log(sum(math.exp(zi - m) for zi in z))
+            n += 1
+    return logprob, n
