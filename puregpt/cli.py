@@ -132,12 +132,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .sample import generate_text
+    from .sample import check_shape, generate_text
     path, ckpt = _load(args.run)
     docs = _is_docs(ckpt)
     rng = random.Random(args.seed)
     shape = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p)
+    if not args.greedy:  # bad settings (--temperature 0) fail before any output
+        try:
+            check_shape(args.temperature, args.top_k, args.top_p)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
     for i in range(args.num_samples):
         sys.stdout.write(args.prompt)
@@ -157,12 +162,15 @@ def cmd_score(args) -> int:
         raise ConfigError("give documents to score, or --data FILE")
     tok, cfg = ckpt.tokenizer, ckpt.config
     docs = _is_docs(ckpt)
+    encoded = []  # every text is checked before anything is printed
+    for text in args.texts:
+        ids = tok.encode_doc(text) if docs else tok.encode(text)
+        if len(ids) < 2:
+            raise ConfigError(f"{text!r} is too short to score (needs 2 tokens)")
+        encoded.append(ids)
     if args.texts:
         print(f"{'logprob':>10} {'loss/token':>10} {'tokens':>6}  text")
-        for text in args.texts:
-            ids = tok.encode_doc(text) if docs else tok.encode(text)
-            if len(ids) < 2:
-                raise ConfigError(f"{text!r} is too short to score (needs 2 tokens)")
+        for text, ids in zip(args.texts, encoded):
             logprob, n = score_ids(ckpt.params, cfg, ids)
             print(f"{logprob:10.4f} {-logprob / n:10.4f} {n:6d}  {text}")
     if args.data:

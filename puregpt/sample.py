@@ -22,14 +22,25 @@ from . import model, ops
 from .data import doc_examples
 
 
-def shape_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0) -> list[float]:
-    """The sampling distribution over the vocabulary after temperature, top-k and top-p."""
+# A prefix whose mass falls short of top_p by less than this counts as reaching it: softmax and
+# the running sum round (0.5 + 0.29999999999999993 < 0.8), and p = a cumulative mass must not keep
+# one token more than the prefix that, in exact arithmetic, reaches it.
+TOP_P_TOLERANCE = 1e-9
+
+
+def check_shape(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """Raise ValueError for settings shape_probs cannot use (callers check before any output)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy decoding "
                          f"for the temperature -> 0 limit")
     if top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"top_k must be >= 0 and top_p in (0, 1]; got {top_k}, {top_p}")
+
+
+def shape_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> list[float]:
+    """The sampling distribution over the vocabulary after temperature, top-k and top-p."""
+    check_shape(temperature, top_k, top_p)
     probs = ops.softmax([z / temperature for z in logits])
     order = sorted(range(len(probs)), key=lambda i: -probs[i])  # most likely first (stable)
     keep = len(order)
@@ -41,7 +52,7 @@ def shape_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0,
         for i in order[:keep]:  # smallest prefix whose (renormalized) mass reaches p
             mass += probs[i] / kept_mass
             n += 1
-            if mass >= top_p:
+            if mass >= top_p - TOP_P_TOLERANCE:  # rounding must not cost an extra token
                 break
         keep = n
     if keep < len(order):
@@ -98,25 +109,40 @@ def generate_text(params, config, tokenizer, prompt: str = "", docs_mode: bool =
     context = prompt_ids if (prompt_ids and not docs_mode) else [tokenizer.bos] + prompt_ids
     if max_new_tokens is None:
         max_new_tokens = config.block_size if docs_mode else 256
-    new_ids, text = [], ""
+    new_ids, emitted = [], 0
+    text = None
     for token in generate(params, config, context, max_new_tokens, rng,
                           stop_token=tokenizer.bos, **shape):
         new_ids.append(token)
         decoded = tokenizer.decode(new_ids)
         if decoded.endswith("\ufffd"):  # a character split across BPE tokens: await the rest
             continue
-        stopped = bool(stop) and stop in decoded
-        if stopped:
-            decoded = decoded[:decoded.index(stop)]
-        if on_text and len(decoded) > len(text):
-            on_text(decoded[len(text):])
-        text = decoded
-        if stopped:
-            return text
-    decoded = tokenizer.decode(new_ids)  # flush a trailing incomplete character, if any
-    if on_text and len(decoded) > len(text):
-        on_text(decoded[len(text):])
-    return decoded
+        if stop and stop in decoded:
+            text = decoded[:decoded.index(stop)]
+            break
+        # hold back a tail that may be the start of the stop string: once streamed, text cannot
+        # be taken back if the stop string then completes
+        safe = len(decoded) - _stop_prefix_len(decoded, stop)
+        if on_text and safe > emitted:
+            on_text(decoded[emitted:safe])
+            emitted = safe
+    if text is None:
+        text = tokenizer.decode(new_ids)  # flush a trailing incomplete character, if any
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+    if on_text and len(text) > emitted:
+        on_text(text[emitted:])
+    return text
+
+
+def _stop_prefix_len(text: str, stop: str | None) -> int:
+    """Length of the longest proper prefix of `stop` that `text` ends with (0 without stop)."""
+    if not stop:
+        return 0
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
 
 
 def score_ids(params, config, ids: list[int], long_docs: str = "split") -> tuple[float, int]:
