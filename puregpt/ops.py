@@ -16,21 +16,48 @@ import math
 from itertools import repeat
 from operator import add, mul
 
-# --- the inner product, the only place where time is spent ------------------------------------
+# --- the one product every layer uses: matmul(A, B) = A B^T -----------------------------------
+#
+# Every product in the model (linear layers, their gradients, attention scores and values) is
+# "each row of A dotted with each row of B": C[i][j] = sum_k A[i][k] B[j][k]. This is the only
+# place where real time is spent, so it is the one place tuned for speed; the math is just that.
 
-if hasattr(math, "sumprod"):  # Python 3.12+: C loop with extended precision, ~3x the fallback
-    _sumprod = math.sumprod
+if hasattr(math, "sumprod"):  # Python 3.12+: a C dot product with extended precision
 
-    def matvec(W, x):
-        """W @ x for W (out, in), x (in,) -> (out,)."""
-        return list(map(_sumprod, W, repeat(x)))
+    def matmul(A, B):
+        """A (n, k), B (m, k) -> A B^T (n, m)."""
+        _sumprod = math.sumprod
+        return [list(map(_sumprod, B, repeat(a))) for a in A]
 
 else:
 
-    def matvec(W, x):
-        """W @ x for W (out, in), x (in,) -> (out,)."""
-        # sum(map(mul, ...)) keeps the per-element loop in C: ~2x a generator expression
-        return [sum(map(mul, w, x)) for w in W]
+    def matmul(A, B):
+        """A (n, k), B (m, k) -> A B^T (n, m).
+
+        Before Python 3.12 the stdlib has no dot product, but it has math.dist, a C loop that
+        creates no float object per element. The law of cosines turns one into the other:
+            a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2
+        With the squared norms computed once per row, each dot product is one dist() call:
+        1.4-2x the speed of sum(map(mul, a, b)) in a whole training step. The rounding error is
+        ~1e-16 (|a|^2 + |b|^2) instead of ~1e-16 |a||b|: at the scales of a trained model the
+        loss agrees with exact summation to ~1e-16 and gradients to ~1e-15.
+        """
+        if not A or not B:
+            return [[] for _ in A]
+        dist = math.dist
+        zeros = [0.0] * len(A[0])
+        nb = [d * d for d in map(dist, B, repeat(zeros))]  # |b|^2 for each row of B
+        out = []
+        for a in A:
+            na = dist(a, zeros)
+            na *= na  # the same rounding as nb, so an all-zero row gives exactly 0, not noise
+            out.append([(na + n - d * d) * 0.5 for n, d in zip(nb, map(dist, B, repeat(a)))])
+        return out
+
+
+def matvec(W, x):
+    """W x for W (out, in), x (in,) -> (out,)."""
+    return matmul([x], W)[0]
 
 
 def transpose(M):
@@ -59,7 +86,7 @@ def add_rows(A, B):
 
 def linear_forward(X, W, b=None):
     """X (N, in), W (out, in) as PyTorch stores it, b (out,) or None -> Y (N, out)."""
-    Y = [matvec(W, x) for x in X]
+    Y = matmul(X, W)
     if b is not None:
         Y = [list(map(add, y, b)) for y in Y]
     return Y, (X, W)
@@ -68,13 +95,12 @@ def linear_forward(X, W, b=None):
 def linear_backward(dY, cache, dW, db=None):
     """dX = dY W;  dW += dY^T X;  db += sum over positions of dY."""
     X, W = cache
-    WT = transpose(W)  # (in, out): a column of W becomes a row, so dX is row-times-row dots
-    dX = [matvec(WT, dy) for dy in dY]
+    dX = matmul(dY, transpose(W))  # (N, in): dX = dY W, W^T's rows are W's columns
     # dW[o][i] = sum_n dY[n][o] X[n][i]: dot products along the position axis (length N) run
     # about 2x faster than N separate outer-product updates of dW.
     dYT, XT = transpose(dY), transpose(X)  # (out, N), (in, N)
-    for dw_row, g in zip(dW, dYT):
-        add_into(dw_row, matvec(XT, g))
+    for dw_row, new in zip(dW, matmul(dYT, XT)):
+        add_into(dw_row, new)
     if db is not None:
         add_into(db, map(sum, dYT))
     return dX
@@ -265,8 +291,9 @@ def attention_forward(Q, K, V, n_head):
     Q (Tq, C); K, V (Tk, C) with Tk >= Tq: the queries are the *last* Tq positions of the
     sequence (Tq == Tk in training; Tq == 1 when decoding with a KV cache). Query i sits at
     position p = Tk - Tq + i and may look at keys 0..p. Per head h (channels h*hd:(h+1)*hd):
-        scores[u] = q . k_u / sqrt(hd) for u <= p   (the causal mask: u > p is never scored,
-                                                     exactly as if set to -inf before softmax)
+        scores[u] = q . k_u / sqrt(hd) for u <= p   (the causal mask: scores of u > p are
+                                                     dropped, exactly as if set to -inf before
+                                                     the softmax: their weight is 0)
         a = softmax(scores);  out = sum_u a[u] v_u
     Returns out (Tq, C) and a cache holding every head's attention weights.
     """
@@ -275,19 +302,19 @@ def attention_forward(Q, K, V, n_head):
     scale = 1.0 / math.sqrt(hd)
     offset = Tk - Tq
     out = [[0.0] * C for _ in range(Tq)]
+    zeros = [0.0] * Tk
     weights = []  # per head: Tq rows of Tk weights (zeros past the mask)
     for h in range(n_head):
         lo, hi = h * hd, (h + 1) * hd
+        q = [row[lo:hi] for row in Q]  # (Tq, hd)
         k = [row[lo:hi] for row in K]  # (Tk, hd)
-        vT = transpose([row[lo:hi] for row in V])  # (hd, Tk): out = a . columns of v
-        zeros = [0.0] * Tk
+        vT = transpose([row[lo:hi] for row in V])  # (hd, Tk)
         A = []
-        for i in range(Tq):
+        for i, s in enumerate(matmul(q, k)):  # s: query i's scores against all Tk keys
             p = offset + i
-            a = softmax([s * scale for s in matvec(k[:p + 1], Q[i][lo:hi])])  # (p+1,)
-            a += zeros[p + 1:]  # masked keys carry weight exactly 0
-            out[i][lo:hi] = matvec(vT, a)
-            A.append(a)
+            A.append(softmax([x * scale for x in s[:p + 1]]) + zeros[p + 1:])
+        for row, o in zip(out, matmul(A, vT)):  # out_i = sum_u a[i][u] v_u
+            row[lo:hi] = o
         weights.append(A)
     return out, (Q, K, V, n_head, weights)
 
@@ -312,17 +339,16 @@ def attention_backward(dout, cache):
         k = [row[lo:hi] for row in K]  # (Tk, hd)
         v = [row[lo:hi] for row in V]  # (Tk, hd)
         do = [row[lo:hi] for row in dout]  # (Tq, hd)
-        dS = []
-        for a, g in zip(A, do):
-            da = matvec(v, g)  # (Tk,)
-            dot_ada = sum(map(mul, a, da))
-            dS.append([ai * (dai - dot_ada) * scale for ai, dai in zip(a, da)])  # scale folded in
-        AT, dST, doT, qT, kT = transpose(A), transpose(dS), transpose(do), transpose(q), transpose(k)
-        for u in range(Tk):
-            dV[u][lo:hi] = matvec(doT, AT[u])  # sum_i a[i][u] dout_i
-            dK[u][lo:hi] = matvec(qT, dST[u])  # sum_i ds[i][u] q_i
-        for i in range(Tq):
-            dQ[i][lo:hi] = matvec(kT, dS[i])  # sum_u ds[i][u] k_u
+        dS = []  # (Tq, Tk), scale folded in
+        for a, da in zip(A, matmul(do, v)):
+            a_da = sum(map(mul, a, da))
+            dS.append([ai * (dai - a_da) * scale for ai, dai in zip(a, da)])
+        doT = transpose(do)  # (hd, Tq)
+        for dst, src, right in ((dV, transpose(A), doT),  # dv_u = sum_i a[i][u] dout_i
+                                (dK, transpose(dS), transpose(q)),  # dk_u = sum_i ds[i][u] q_i
+                                (dQ, dS, transpose(k))):  # dq_i = sum_u ds[i][u] k_u
+            for row, g in zip(dst, matmul(src, right)):
+                row[lo:hi] = g
     return dQ, dK, dV
 
 
