@@ -39,17 +39,20 @@ def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, 
     """One AdamW update of every parameter, in place."""
     state["step"] += 1
     t = state["step"]
-    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    # The update above, with its scalars hoisted out of the loop (as PyTorch arranges it):
+    # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
+    step_size, inv_sqrt_bc2 = lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)
+    c1, c2, sqrt = 1 - beta1, 1 - beta2, math.sqrt
     for name, tensor in params.items():
         wd = weight_decay if decays(name, tensor) else 0.0
         for p, g, m, v in zip(_rows(tensor), _rows(grads[name]), state["m"][name],
                               state["v"][name]):
             if wd:
                 p[:] = [pi * (1 - lr * wd) for pi in p]
-            m[:] = [beta1 * mi + (1 - beta1) * gi for mi, gi in zip(m, g)]
-            v[:] = [beta2 * vi + (1 - beta2) * gi * gi for vi, gi in zip(v, g)]
-            p[:] = [pi - lr * (mi / bc1) / ((vi / bc2) ** 0.5 + eps)
-                    for pi, mi, vi in zip(p, m, v)]
+            m[:] = [beta1 * mi + c1 * gi for mi, gi in zip(m, g)]
+            v[:] = [beta2 * vi + c2 * gi * gi for vi, gi in zip(v, g)]
+            p[:] = [pi - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
+                    for pi, mi, si in zip(p, m, map(sqrt, v))]
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
