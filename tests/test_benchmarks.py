@@ -1,0 +1,129 @@
+"""The benchmarks cannot rot: each runs in --quick mode, as a subprocess, and writes the JSON its
+README documents. Nothing here asserts a timing; the equality checks the benchmarks make
+themselves (losses, gradients, generated tokens) do fail the run when they break."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "benchmarks" / "run.py"
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def run_bench(name: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(RUN), name, "--quick", "--json", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == name and doc["quick"] is True
+    assert doc["env"]["python"] and doc["env"]["cpu_count"]
+    assert doc["markdown"].startswith("### ") and "| ---" in doc["markdown"]
+    assert "### summary" in proc.stdout and "| ---" in proc.stdout
+    return doc["results"], proc.stdout
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and v > 0 for v in values)
+
+
+def check_race(race: dict, torch_expected: bool) -> None:
+    assert race["samples"] == 20 and race["steps"] > 0
+    assert positive(race["puregpt_seconds"])
+    if torch_expected:
+        assert positive(race["torch_seconds"], race["torch_over_puregpt"])
+        assert isinstance(race["same_printed_losses"], bool)
+        assert isinstance(race["same_samples"], bool)
+    else:
+        assert race["torch_seconds"] is None and race["skipped"]
+
+
+def test_train_tiny_with_race(tmp_path):
+    r, stdout = run_bench("train-tiny", tmp_path)
+    assert r["params"] == 4192
+    assert positive(r["puregpt"]["tokens_per_s"], r["baseline"]["tokens_per_s"],
+                    r["ratio_vs_baseline"])
+    assert r["baseline"]["max_loss_diff_vs_puregpt"] < 1e-9
+    assert r["trainer_loop_max_loss_diff"] < 1e-12
+    assert r["target_ratio_vs_baseline"] == 50.0
+    if HAVE_TORCH:
+        assert positive(r["torch"]["tokens_per_s"], r["ratio_vs_torch"])
+        assert r["torch"]["max_loss_diff_vs_puregpt"] < 1e-9
+    else:
+        assert r["torch"]["skipped"] == "torch not installed" and r["ratio_vs_torch"] is None
+        assert "skipped: torch not installed" in stdout
+    check_race(r["race"], HAVE_TORCH)
+
+
+def test_train_tiny_without_torch(tmp_path):
+    r, stdout = run_bench("train-tiny", tmp_path, "--no-torch", "--no-race")
+    assert "skipped" in r["torch"] and r["ratio_vs_torch"] is None and "race" not in r
+    assert ("skipped: --no-torch" if HAVE_TORCH else "skipped: torch not installed") in stdout
+
+
+def test_train_large(tmp_path):
+    r, _ = run_bench("train-large", tmp_path)
+    C = r["config"]["n_embd"]
+    assert r["tokens_per_step"] == r["batch"] * r["config"]["block_size"]
+    assert positive(r["params"], r["macs_per_token"], r["macs_per_step"]["total"])
+    for run in (r["single"], r["workers"]):
+        assert positive(run["tokens_per_s"], run["macs_per_s"], run["best_step_seconds"])
+        assert len(run["step_seconds"]) == r["steps"]
+    assert r["ceiling_length"] == C and str(C) in r["dot_rates"]
+    for rates in r["dot_rates"].values():
+        assert positive(rates["sum_map_mul"], rates["engine_matmul"])
+    assert positive(r["ceiling_macs_per_s"], r["fraction_of_ceiling"])
+    w = r["workers"]
+    assert w["n"] == 2 and positive(w["speedup"])
+    assert w["max_grad_rel_diff"] <= 1e-9 and w["max_loss_diff"] <= 1e-9
+    assert isinstance(w["identical_1e-12"], bool) and len(w["checks"]) == r["steps"]
+    assert r["targets"] == {"fraction_of_ceiling": 0.8, "workers_speedup": 1.8,
+                            "workers_tolerance": 1e-12}
+
+
+def test_sample(tmp_path):
+    r, _ = run_bench("sample", tmp_path)
+    assert r["identical"] is True
+    assert r["tokens"] == r["contexts"] * r["new_tokens_per_context"] > 0
+    assert positive(r["kv_cache"]["tokens_per_s"], r["naive"]["tokens_per_s"], r["speedup"])
+
+
+def test_memory(tmp_path):
+    r, _ = run_bench("memory", tmp_path)
+    assert positive(r["floor_mb"], r["tiny"]["peak_rss_mb"], r["large"]["peak_rss_mb"])
+    assert r["tiny"]["peak_rss_mb"] >= r["floor_mb"] and r["large"]["peak_rss_mb"] >= r["floor_mb"]
+    assert r["tiny"]["params"] == 4192 and r["large"]["params"] > r["tiny"]["params"]
+
+
+def test_mac_formula():
+    """forward = N (12 L C^2 + V C) + L C sum T (T + 1); total = 3 x forward."""
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    from puregpt.config import GPTConfig
+    cfg = GPTConfig(vocab_size=3, n_embd=2, n_head=1, n_layer=1, block_size=4)
+    macs = run.macs_per_step(cfg, [2, 3])
+    # matmuls per position: q, k, v, o 4 * 2 * 2, fc1 and fc2 2 * 8 * 2, lm_head 3 * 2 -> 54
+    assert macs["forward_matmul"] == 5 * 54
+    # attention: q.k and a.v over the causal triangle, C * T(T+1)/2 each
+    assert macs["forward_attention"] == 2 * (2 * 3 // 2 + 3 * 4 // 2) * 2
+    assert macs["total"] == 3 * (5 * 54 + 2 * 9 * 2)
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_torch_microgpt_script_prints_microgpt_lines():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "torch_microgpt.py"),
+                           "--steps", "3", "--samples", "2", "--data",
+                           str(REPO / "puregpt" / "data" / "names.txt")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "step    3 /    3 | loss " in proc.stdout
+    assert sum(line.startswith("sample ") for line in lines) == 2
