@@ -1,0 +1,78 @@
+"""Shared helpers of the numerical tests (gradcheck, torch parity, KV cache): the architecture
+combinations, tiny configs with perturbed weights, and random variable-length batches.
+
+Any test taking an argument named `combo` runs once per combination (see pytest_generate_tests)
+unless it parametrizes `combo` itself (with a subset).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from puregpt import model
+from puregpt.config import CHOICES, GPTConfig
+
+# Every architecture switch that changes the math: 3 * 2 * 2 * 3 * 2 * 2 = 144 combinations.
+AXES = {
+    "pos": CHOICES["pos"],
+    "norm": CHOICES["norm"],
+    "norm_position": CHOICES["norm_position"],
+    "activation": CHOICES["activation"],
+    "bias": (False, True),
+    "tie_embeddings": (False, True),
+}
+COMBOS = [dict(zip(AXES, values)) for values in itertools.product(*AXES.values())]
+# emb_norm and final_norm ride along: each of their four pairings on exactly a quarter of the
+# combinations, spread by a fixed shuffle so that no pairing sticks to one value of another axis.
+_PAIRS = [(e, f) for e in (False, True) for f in (False, True)] * (len(COMBOS) // 4)
+random.Random(0).shuffle(_PAIRS)
+for _combo, (_e, _f) in zip(COMBOS, _PAIRS):
+    _combo.update(emb_norm=_e, final_norm=_f)
+
+
+def combo_id(combo: dict) -> str:
+    flags = [name for name in ("bias", "tie_embeddings", "emb_norm", "final_norm") if combo[name]]
+    return "-".join([combo["pos"], combo["norm"], combo["norm_position"], combo["activation"],
+                     *flags])
+
+
+def pytest_generate_tests(metafunc):
+    explicit = any("combo" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
+    if "combo" in metafunc.fixturenames and not explicit:
+        metafunc.parametrize("combo", COMBOS, ids=combo_id)
+
+
+# Tiny but complete: 2 layers (so blocks feed blocks), 2 heads, head_dim 4. init_std 0.4 (not
+# 0.02) so that every term, including the second-order ones of the norms, visibly moves the loss.
+TINY = dict(vocab_size=7, block_size=8, n_layer=2, n_embd=8, n_head=2, init_std=0.4,
+            norm_affine=True)
+
+
+def tiny_config(combo: dict, **overrides) -> GPTConfig:
+    return GPTConfig(**{**TINY, **combo, **overrides})
+
+
+def perturbed_params(cfg: GPTConfig, seed: int = 0) -> dict:
+    """init_params, then norm gains moved off 1 and all biases off 0: at their initial values
+    a wrong gain or bias gradient could hide (x * 1, x + 0)."""
+    rng = random.Random(seed)
+    params = model.init_params(cfg, rng)
+    for name, t in params.items():
+        if not isinstance(t[0], list):
+            if name.endswith("_g"):
+                params[name] = [1.0 + rng.uniform(-0.5, 0.5) for _ in t]
+            else:
+                params[name] = [rng.gauss(0.0, 0.3) for _ in t]
+    return params
+
+
+def random_batch(cfg: GPTConfig, rng: random.Random, lengths, ignore_frac: float = 0.0):
+    """Sequences of the given lengths with random tokens and random targets; a fraction of the
+    targets set to -1 (ignored), always keeping at least one real target."""
+    inputs = [[rng.randrange(cfg.vocab_size) for _ in range(T)] for T in lengths]
+    targets = [[rng.randrange(cfg.vocab_size) if rng.random() >= ignore_frac else -1
+                for _ in range(T)] for T in lengths]
+    if all(y < 0 for seq in targets for y in seq):
+        targets[0][0] = 0
+    return inputs, targets

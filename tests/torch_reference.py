@@ -1,0 +1,168 @@
+"""An independent PyTorch implementation of puregpt's architecture family, the oracle of the
+parity tests.
+
+Built from torch's own modules (nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm,
+F.gelu, F.scaled_dot_product_attention, F.cross_entropy) and autograd, in float64. Nothing
+of puregpt's math is imported: puregpt is only the source of the config and of the weight values
+copied in (`load`), and the gradients are handed back under puregpt's parameter names (`grads`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPE = torch.float64
+
+
+def sinusoidal_table(block_size: int, C: int) -> torch.Tensor:
+    """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same angle)."""
+    p = torch.arange(block_size, dtype=DTYPE)[:, None]
+    two_i = torch.arange(0, C, 2, dtype=DTYPE)
+    angle = p / 10000.0 ** (two_i / C)
+    pe = torch.zeros(block_size, C, dtype=DTYPE)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)[:, : C // 2]
+    return pe
+
+
+def make_norm(cfg) -> nn.Module:
+    """RMSNorm: x / sqrt(mean(x^2) + eps) (* gain); LayerNorm: biased variance (* gain + bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine,
+                          dtype=DTYPE)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine,
+                        bias=cfg.norm_affine, dtype=DTYPE)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, b = cfg.n_embd, cfg.bias
+        self.cfg = cfg
+        self.attn_norm, self.mlp_norm = make_norm(cfg), make_norm(cfg)
+        self.attn_wq, self.attn_wk, self.attn_wv, self.attn_wo = (
+            nn.Linear(C, C, bias=b, dtype=DTYPE) for _ in range(4))
+        self.mlp_fc1 = nn.Linear(C, 4 * C, bias=b, dtype=DTYPE)
+        self.mlp_fc2 = nn.Linear(4 * C, C, bias=b, dtype=DTYPE)
+
+    def attn(self, x):  # x (T, C), one sequence
+        T, H = x.shape[0], self.cfg.n_head
+        q, k, v = (w(x).view(T, H, -1).transpose(0, 1)
+                   for w in (self.attn_wq, self.attn_wk, self.attn_wv))  # (H, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(hd)
+        return self.attn_wo(out.transpose(0, 1).reshape(T, -1))
+
+    def mlp(self, x):
+        h = self.mlp_fc1(x)
+        act = self.cfg.activation
+        h = F.relu(h) if act == "relu" else F.gelu(h, approximate="tanh" if act == "gelu_tanh"
+                                                    else "none")
+        return self.mlp_fc2(h)
+
+    def forward(self, x):
+        if self.cfg.norm_position == "pre":
+            x = x + self.attn(self.attn_norm(x))
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C, dtype=DTYPE)
+        if cfg.pos == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, C, dtype=DTYPE)
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_table(cfg.block_size, C))
+        self.emb_norm = make_norm(cfg) if cfg.emb_norm else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = make_norm(cfg) if cfg.final_norm else None
+        self.lm_head = (None if cfg.tie_embeddings
+                        else nn.Linear(C, cfg.vocab_size, bias=False, dtype=DTYPE))
+
+    def forward_one(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (T, V) of one sequence."""
+        x = self.wte(tokens)
+        pos = torch.arange(len(tokens))
+        if self.cfg.pos == "learned":
+            x = x + self.wpe(pos)
+        elif self.cfg.pos == "sinusoidal":
+            x = x + self.pe[pos]
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return F.linear(x, self.wte.weight if self.lm_head is None else self.lm_head.weight)
+
+    def forward(self, inputs: list[list[int]]) -> torch.Tensor:
+        """Logits (N, V) of variable-length sequences laid end to end, like puregpt.forward."""
+        return torch.cat([self.forward_one(torch.tensor(seq)) for seq in inputs])
+
+    def loss(self, inputs, targets) -> torch.Tensor:
+        """Mean cross-entropy over every target position of the batch; -1 targets ignored."""
+        flat = torch.tensor([y for seq in targets for y in seq])
+        return F.cross_entropy(self(inputs), flat, ignore_index=-1)
+
+    # --- puregpt names <-> torch parameters ------------------------------------------------
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """puregpt parameter name -> the torch parameter holding it."""
+        out = {"wte": self.wte.weight}
+        if self.cfg.pos == "learned":
+            out["wpe"] = self.wpe.weight
+        if self.lm_head is not None:
+            out["lm_head"] = self.lm_head.weight
+
+        def add_norm(name, mod):
+            if mod is not None and mod.weight is not None:
+                out[name + "_g"] = mod.weight
+                if getattr(mod, "bias", None) is not None:
+                    out[name + "_b"] = mod.bias
+
+        add_norm("emb_norm", self.emb_norm)
+        add_norm("final_norm", self.final_norm)
+        for l, blk in enumerate(self.blocks):
+            p = f"layer{l}."
+            add_norm(p + "attn_norm", blk.attn_norm)
+            add_norm(p + "mlp_norm", blk.mlp_norm)
+            for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_fc1", "mlp_fc2"):
+                lin = getattr(blk, w)
+                out[p + w] = lin.weight
+                if lin.bias is not None:
+                    out[p + w + "_b"] = lin.bias
+        return out
+
+    def load(self, params: dict) -> "TorchGPT":
+        """Copy puregpt's parameter values in; every parameter on both sides must match up."""
+        named = self.named()
+        assert set(named) == set(params), set(named) ^ set(params)
+        assert len(named) == len(list(self.parameters()))
+        with torch.no_grad():
+            for name, t in named.items():
+                t.copy_(torch.tensor(params[name], dtype=DTYPE))
+        return self
+
+    def values(self) -> dict:
+        return {name: t.detach().tolist() for name, t in self.named().items()}
+
+    def grads(self) -> dict:
+        return {name: t.grad.tolist() for name, t in self.named().items()}
+
+
+def build(cfg, params: dict) -> TorchGPT:
+    return TorchGPT(cfg).load(params)
+
+
+def max_abs_diff(a, b) -> float:
+    """Largest |a - b| over two nested lists (or tensors) of the same shape."""
+    ta, tb = torch.as_tensor(a, dtype=DTYPE), torch.as_tensor(b, dtype=DTYPE)
+    assert ta.shape == tb.shape, (ta.shape, tb.shape)
+    return (ta - tb).abs().max().item() if ta.numel() else 0.0
+
