@@ -271,3 +271,16 @@ def load_checkpoint(path) -> Checkpoint:
         if unknown:
             raise CheckpointError(f"{path}: unexpected tensors: {', '.join(sorted(unknown))}")
     return Checkpoint(config, tokenizer, params, step, train_config, optimizer, rng_state, trainer)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory means its best checkpoint (or its last, without validation)."""
+    if os.path.isdir(path):
+        for name in ("best.safetensors", "last.safetensors"):
+            if os.path.exists(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise CheckpointError(f"{path} holds no checkpoint (best.safetensors or "
+                              f"last.safetensors); train one with: puregpt train --out {path}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such run directory or checkpoint: {path}")
+    return path

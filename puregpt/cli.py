@@ -9,7 +9,7 @@ import random
 import sys
 from dataclasses import fields
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import CHOICES, PRESETS, ConfigError, GPTConfig, TrainConfig, preset
 from .data import DataError, doc_examples, read_text
 from .train import Interrupted, TrainingError
@@ -49,6 +49,8 @@ TRAIN_HELP = {
     "seed": "random seed for the data order, the split, the initial weights and the windows",
     "mode": "auto, docs (one document per line) or stream (continuous text)",
     "long_docs": "documents longer than block_size: split into windows or truncate",
+    "tokenizer": "char (one token per character) or bpe (byte-level BPE learned from the data)",
+    "vocab_size": "size of the BPE vocabulary to learn, BOS included (with --tokenizer bpe)",
     "val_fraction": "share of the data held out for validation",
     "eval_every": "steps between validation evaluations (0: only at the end)",
     "eval_tokens": "validation positions per evaluation (0: the whole split)",
@@ -65,7 +67,7 @@ def _flag(name: str) -> str:
 def _add_dataclass_flags(parser, cls, helps: dict) -> None:
     """One flag per config field; defaults are None so we know which flags were given."""
     for f in fields(cls):
-        if f.name == "vocab_size":
+        if f.name not in helps:  # GPTConfig.vocab_size comes from the data, not a flag
             continue
         kind = {"int": int, "float": float, "str": str}.get(f.type)
         if f.type == "bool":
@@ -77,22 +79,9 @@ def _add_dataclass_flags(parser, cls, helps: dict) -> None:
                                 metavar=None if f.name in CHOICES else f.name.upper())
 
 
-def _given(args, cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(cls)
-            if getattr(args, f.name, None) is not None}
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A run directory means its best checkpoint (or its last, without validation)."""
-    if os.path.isdir(path):
-        for name in ("best.safetensors", "last.safetensors"):
-            if os.path.exists(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise CheckpointError(f"{path} holds no checkpoint (best.safetensors or "
-                              f"last.safetensors); train one with: puregpt train --out {path}")
-    if not os.path.exists(path):
-        raise CheckpointError(f"no such run directory or checkpoint: {path}")
-    return path
+def _given(args, helps: dict) -> dict:
+    """The config fields (named by a help table) whose flags were given on the command line."""
+    return {name: getattr(args, name) for name in helps if getattr(args, name, None) is not None}
 
 
 def _load(path: str):
@@ -109,7 +98,7 @@ def _is_docs(ckpt) -> bool:
 
 def cmd_train(args) -> int:
     from .train import train
-    given_model, given_train = _given(args, GPTConfig), _given(args, TrainConfig)
+    given_model, given_train = _given(args, MODEL_HELP), _given(args, TRAIN_HELP)
     if args.resume:
         if args.preset:
             raise ConfigError("--preset applies to new runs; a resumed run keeps its own settings")
@@ -156,38 +145,26 @@ def cmd_sample(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .sample import score_ids
+    from .sample import score_corpus, score_text
     path, ckpt = _load(args.model)
     if not args.texts and not args.data:
         raise ConfigError("give documents to score, or --data FILE")
-    tok, cfg = ckpt.tokenizer, ckpt.config
     docs = _is_docs(ckpt)
-    encoded = []  # every text is checked before anything is printed
-    for text in args.texts:
-        ids = tok.encode_doc(text) if docs else tok.encode(text)
+    for text in args.texts:  # every text is checked before anything is printed
+        ids = (ckpt.tokenizer.encode_doc if docs else ckpt.tokenizer.encode)(text)
         if len(ids) < 2:
-            raise ConfigError(f"{text!r} is too short to score (needs 2 tokens)")
-        encoded.append(ids)
+            raise ConfigError(f"{text!r} is too short to score (it needs two tokens)")
+    scores = [score_text(ckpt.params, ckpt.config, ckpt.tokenizer, t, docs) for t in args.texts]
     if args.texts:
         print(f"{'logprob':>10} {'loss/token':>10} {'tokens':>6}  text")
-        for text, ids in zip(args.texts, encoded):
-            logprob, n = score_ids(ckpt.params, cfg, ids)
+        for text, (logprob, n) in zip(args.texts, scores):
             print(f"{logprob:10.4f} {-logprob / n:10.4f} {n:6d}  {text}")
     if args.data:
-        text = read_text(args.data)
-        total, count = 0.0, 0
-        if docs:
-            for line in text.split("\n"):
-                if line.strip():
-                    lp, n = score_ids(ckpt.params, cfg, tok.encode_doc(line.strip()))
-                    total, count = total + lp, count + n
-        else:
-            ids = tok.encode(text)
-            for s in range(0, len(ids) - 1, cfg.block_size):  # consecutive windows
-                lp, n = score_ids(ckpt.params, cfg, ids[s:s + cfg.block_size + 1], "truncate")
-                total, count = total + lp, count + n
-        if count == 0:
-            raise DataError(f"{args.data} has nothing to score")
+        try:
+            total, count = score_corpus(ckpt.params, ckpt.config, ckpt.tokenizer,
+                                        read_text(args.data), docs)
+        except ValueError as e:
+            raise DataError(f"{args.data}: {e}") from None
         loss = -total / count
         print(f"{args.data}: {count:,} tokens | mean loss {loss:.4f} nats/token | "
               f"perplexity {math.exp(loss):.3f}")

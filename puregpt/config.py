@@ -20,6 +20,7 @@ CHOICES = {
     "mode": ("auto", "docs", "stream"),
     "long_docs": ("split", "truncate"),
     "log_format": ("full", "microgpt"),
+    "tokenizer": ("char", "bpe"),
 }
 
 
@@ -123,6 +124,8 @@ class TrainConfig:
     seed: int = 42
     mode: str = "auto"  # auto | docs (one document per line) | stream (continuous text)
     long_docs: str = "split"  # docs longer than block_size: split into windows, or truncate
+    tokenizer: str = "char"  # char (one token per character) | bpe (byte-level BPE, learned)
+    vocab_size: int = 512  # size of the BPE vocabulary to learn (tokenizer="bpe")
     val_fraction: float = 0.1  # share of documents (or of the text) held out for validation
     eval_every: int = 100  # steps between validation evaluations (0 = only at the end)
     eval_tokens: int = 20000  # validation positions per evaluation (fixed sample)
@@ -144,6 +147,9 @@ class TrainConfig:
             raise ConfigError("TrainConfig.lr, weight_decay and grad_clip must be >= 0, eps > 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError("TrainConfig.beta1 and beta2 must be in [0, 1)")
+        if self.tokenizer == "bpe" and self.vocab_size < 257:
+            raise ConfigError(f"TrainConfig.vocab_size must be >= 257 for a byte-level BPE (256 "
+                              f"bytes + BOS), got {self.vocab_size}")
         if not 0.0 <= self.min_lr_frac <= 1.0:
             raise ConfigError("TrainConfig.min_lr_frac must be in [0, 1]")
 

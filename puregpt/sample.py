@@ -97,42 +97,66 @@ def generate(params: dict, config, context: list[int], max_new_tokens: int,
             logits, _ = model.forward(params, config, [tokens[-config.block_size:]], kv=kv)
 
 
-def generate_text(params, config, tokenizer, prompt: str = "", docs_mode: bool = True,
-                  max_new_tokens: int | None = None, stop: str | None = None, rng=None,
-                  on_text=None, **shape) -> str:
-    """Generate one document (docs mode: starts at BOS, ends at BOS) or a continuation of text
-    (stream mode); returns the generated text, without the prompt. `on_text(piece)` receives the
-    text as it is produced (streaming). Stops at BOS, after max_new_tokens (default: block_size
-    in docs mode, 256 in stream mode), or just before the first occurrence of `stop`."""
-    rng = rng or random.Random()
+def stream_text(params, config, tokenizer, prompt: str = "", docs_mode: bool = True,
+                max_new_tokens: int | None = None, stop: str | None = None,
+                rng: random.Random | None = None, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, greedy: bool = False) -> Iterator[str]:
+    """Generate one document (docs mode: it starts after BOS and ends at BOS) or a continuation
+    of text (stream mode), yielding the new text piece by piece as tokens are produced (the
+    prompt is not repeated). Stops at BOS, after max_new_tokens (default: block_size in docs
+    mode, 256 in stream mode), or just before the first occurrence of `stop`.
+
+    The prompt and the sampling settings are checked here, before anything is generated.
+    """
+    if not greedy:  # greedy ignores the shaping settings
+        check_shape(temperature, top_k, top_p)
     prompt_ids = tokenizer.encode(prompt)  # raises, naming any character outside the vocabulary
     context = prompt_ids if (prompt_ids and not docs_mode) else [tokenizer.bos] + prompt_ids
     if max_new_tokens is None:
         max_new_tokens = config.block_size if docs_mode else 256
+    tokens = generate(params, config, context, max_new_tokens, rng or random.Random(),
+                      temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                      stop_token=tokenizer.bos)
+    return _pieces(tokens, tokenizer, stop)
+
+
+def _pieces(tokens: Iterator[int], tokenizer, stop: str | None) -> Iterator[str]:
+    """Decode a token stream into text pieces, holding back what is not yet certain."""
     new_ids, emitted = [], 0
-    text = None
-    for token in generate(params, config, context, max_new_tokens, rng,
-                          stop_token=tokenizer.bos, **shape):
+    for token in tokens:
         new_ids.append(token)
         decoded = tokenizer.decode(new_ids)
         if decoded.endswith("\ufffd"):  # a character split across BPE tokens: await the rest
             continue
         if stop and stop in decoded:
-            text = decoded[:decoded.index(stop)]
-            break
+            decoded = decoded[:decoded.index(stop)]
+            if len(decoded) > emitted:
+                yield decoded[emitted:]
+            return
         # hold back a tail that may be the start of the stop string: once streamed, text cannot
         # be taken back if the stop string then completes
         safe = len(decoded) - _stop_prefix_len(decoded, stop)
-        if on_text and safe > emitted:
-            on_text(decoded[emitted:safe])
+        if safe > emitted:
+            yield decoded[emitted:safe]
             emitted = safe
-    if text is None:
-        text = tokenizer.decode(new_ids)  # flush a trailing incomplete character, if any
-        if stop and stop in text:
-            text = text[:text.index(stop)]
-    if on_text and len(text) > emitted:
-        on_text(text[emitted:])
-    return text
+    text = tokenizer.decode(new_ids)  # flush a trailing incomplete character, if any
+    if stop and stop in text:
+        text = text[:text.index(stop)]
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate_text(params, config, tokenizer, prompt: str = "", docs_mode: bool = True,
+                  max_new_tokens: int | None = None, stop: str | None = None, rng=None,
+                  on_text=None, **shape) -> str:
+    """stream_text, collected into one string; `on_text(piece)` sees each piece as it comes."""
+    pieces = []
+    for piece in stream_text(params, config, tokenizer, prompt, docs_mode, max_new_tokens, stop,
+                             rng, **shape):
+        pieces.append(piece)
+        if on_text:
+            on_text(piece)
+    return "".join(pieces)
 
 
 def _stop_prefix_len(text: str, stop: str | None) -> int:
@@ -158,3 +182,31 @@ def score_ids(params, config, ids: list[int], long_docs: str = "split") -> tuple
             logprob += z[y] - m - math.log(sum(math.exp(zi - m) for zi in z))
             n += 1
     return logprob, n
+
+
+def score_text(params, config, tokenizer, text: str, docs_mode: bool = True) -> tuple[float, int]:
+    """Log-probability of a document (docs mode: BOS + text + BOS, so the end counts too) or of
+    a piece of text (stream mode: each token after the first), and its number of tokens."""
+    ids = tokenizer.encode_doc(text) if docs_mode else tokenizer.encode(text)
+    if len(ids) < 2:
+        raise ValueError(f"{text!r} is too short to score (it needs two tokens)")
+    return score_ids(params, config, ids)
+
+
+def score_corpus(params, config, tokenizer, text: str, docs_mode: bool = True):
+    """Total log-probability and token count over a corpus: every document of a docs corpus, or
+    a stream in consecutive block_size windows (each token predicted once)."""
+    total, count = 0.0, 0
+    if docs_mode:
+        for line in text.split("\n"):
+            if line.strip():
+                lp, n = score_ids(params, config, tokenizer.encode_doc(line.strip()))
+                total, count = total + lp, count + n
+    else:
+        ids = tokenizer.encode(text)
+        for s in range(0, len(ids) - 1, config.block_size):
+            lp, n = score_ids(params, config, ids[s:s + config.block_size + 1], "truncate")
+            total, count = total + lp, count + n
+    if count == 0:
+        raise ValueError("there is nothing to score")
+    return total, count

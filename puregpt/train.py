@@ -228,7 +228,8 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
     block_size = (seed_ckpt.config if seed_ckpt else model_config or GPTConfig()).block_size
     try:
         corpus = load_corpus(data, tc, block_size, rng,
-                             tokenizer=seed_ckpt.tokenizer if seed_ckpt else None)
+                             tokenizer=seed_ckpt.tokenizer if seed_ckpt else None,
+                             make_tokenizer=_bpe_maker(tc) if tc.tokenizer == "bpe" else None)
     except DataError as e:
         if seed_ckpt and "not in the vocabulary" in str(e):
             raise TrainingError(f"the data does not fit the checkpoint's vocabulary: {e}") from None
@@ -387,6 +388,14 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             print(f"sample {i + 1:2d}: {text}" if tc.log_format == "microgpt" else text,
                   file=stdout)
     return result
+
+
+def _bpe_maker(tc: TrainConfig):
+    """Learn a byte-level BPE vocabulary from the training text (never the validation text)."""
+    def make(text):
+        from .bpe import BPETokenizer
+        return BPETokenizer.train(text, tc.vocab_size)
+    return make
 
 
 def _main_thread() -> bool:

@@ -1,0 +1,126 @@
+"""The Python API: train, load, save, generate, stream, score, evaluate.
+
+A model is a `Checkpoint` (config, tokenizer, weights and, after training, the optimizer state):
+what `train` returns, what `load` reads and `save` writes. See docs/api.md for examples.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import fields
+from typing import Callable, Iterator, NamedTuple
+
+from . import sample
+from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import ConfigError, GPTConfig, TrainConfig
+from .config import preset as preset_settings
+from .data import read_text
+
+__all__ = ["Checkpoint", "Score", "evaluate", "generate", "load", "save", "score", "stream",
+           "train"]
+
+
+class Score(NamedTuple):
+    logprob: float  # natural log-probability of the scored tokens
+    loss: float  # mean negative log-probability per token (nats/token)
+    tokens: int  # how many tokens were scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+def load(path: str) -> Checkpoint:
+    """A model from a checkpoint file, or from a run directory (its best checkpoint, else its
+    last)."""
+    return load_checkpoint(resolve_checkpoint(path))
+
+
+def save(model: Checkpoint, path: str) -> None:
+    """Write a model to one safetensors file, atomically."""
+    save_checkpoint(path, model)
+
+
+def train(data: str | None = None, *, preset: str = "default", out: str | None = None,
+          resume: bool = False, init_from: str | None = None,
+          callback: Callable[[dict], bool | None] | None = None, quiet: bool = True,
+          **settings) -> Checkpoint:
+    """Train a model and return it.
+
+    data: a UTF-8 text file (default: the bundled names). preset: the starting settings
+    ("default", "microgpt", "gpt2"); `settings` override any GPTConfig or TrainConfig field, e.g.
+    steps=500, n_embd=32, pos="sinusoidal", batch_size=8. out: a run directory to write
+    checkpoints, metrics and the loss plot to (None: nothing is written). resume: continue the
+    run in `out` (settings then may only change what a resume allows, e.g. steps or lr).
+    callback(info) runs after every step with {"step", "loss", "lr", "tokens", "val_loss"};
+    returning False stops training.
+    """
+    # (the module puregpt/train.py, not this function, which shadows it as puregpt.train)
+    from .train import train as run_training
+    model_keys = {f.name for f in fields(GPTConfig)} - {"vocab_size"}
+    train_keys = {f.name for f in fields(TrainConfig)}
+    unknown = set(settings) - model_keys - train_keys
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    model_set = {k: v for k, v in settings.items() if k in model_keys}
+    train_set = {k: v for k, v in settings.items() if k in train_keys}
+    if resume:
+        if model_set:
+            raise ConfigError(f"cannot change the model of a run being resumed: "
+                              f"{', '.join(sorted(model_set))}")
+        result = run_training(None, None, data, out, resume=True, overrides=train_set,
+                              quiet=quiet, callback=callback)
+    else:
+        chosen = preset_settings(preset)
+        model_config = None if init_from else GPTConfig.from_dict({**chosen["model"],
+                                                                   **model_set})
+        result = run_training(model_config,
+                              TrainConfig.from_dict({**chosen["train"], **train_set}), data, out,
+                              init_from=init_from, quiet=quiet, callback=callback)
+    corpus = result.corpus
+    return Checkpoint(result.config, result.tokenizer, result.params, result.step,
+                      result.train_config, trainer={"data": corpus.path, "mode": corpus.mode,
+                                                    "sha256": corpus.sha256,
+                                                    "best_val": result.best_val})
+
+
+def _docs_mode(model: Checkpoint) -> bool:
+    return model.trainer.get("mode", "docs") == "docs"
+
+
+def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = None,
+           temperature: float = 0.5, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+           stop: str | None = None, seed: int | None = None) -> Iterator[str]:
+    """Generate text, yielding it piece by piece as it is produced (the prompt not repeated).
+
+    A docs-mode model generates one document: it stops at the end-of-document token or after
+    max_new_tokens (default block_size). A stream-mode model continues the prompt for
+    max_new_tokens (default 256). temperature, top_k and top_p shape the distribution (in that
+    order); greedy takes the most likely token; stop ends the text just before that string;
+    seed makes the output reproducible. Bad settings and prompts outside the vocabulary raise
+    ValueError at once.
+    """
+    return sample.stream_text(model.params, model.config, model.tokenizer, prompt,
+                              _docs_mode(model), max_new_tokens, stop, random.Random(seed),
+                              temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+
+
+def generate(model: Checkpoint, prompt: str = "", **options) -> str:
+    """The text `stream` produces, as one string (same options)."""
+    return "".join(stream(model, prompt, **options))
+
+
+def score(model: Checkpoint, text: str) -> Score:
+    """How likely the model finds `text`: a whole document (with its end) for docs-mode
+    models, a stretch of text for stream-mode models."""
+    logprob, n = sample.score_text(model.params, model.config, model.tokenizer, text,
+                                   _docs_mode(model))
+    return Score(logprob, -logprob / n, n)
+
+
+def evaluate(model: Checkpoint, path: str) -> Score:
+    """Mean loss (and .perplexity) over a text file: every document, or the whole stream."""
+    logprob, n = sample.score_corpus(model.params, model.config, model.tokenizer,
+                                     read_text(path), _docs_mode(model))
+    return Score(logprob, -logprob / n, n)
