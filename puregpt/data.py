@@ -89,7 +89,9 @@ def doc_examples(ids: list[int], block_size: int, long_docs: str):
     stride = max(1, block_size // 2)
     examples, start = [], 0
     while True:
-        inputs = ids[start:start + block_size]
+        # the last window may be short: it ends at the last prediction (the final token is a
+        # target, never an input), so inputs and targets always have the same length
+        inputs = ids[start:min(start + block_size, n_pred)]
         targets = ids[start + 1:start + 1 + len(inputs)]
         if start > 0:  # the first block_size - stride targets were predicted by the last window
             targets = [-1] * (block_size - stride) + targets[block_size - stride:]
@@ -184,8 +186,9 @@ def load_corpus(path: str | None, tc: TrainConfig, block_size: int, rng, tokeniz
 
 def stream_windows(ids: list[int], block_size: int) -> list:
     """Consecutive non-overlapping (inputs, targets) windows covering a token stream."""
-    return [(ids[s:s + block_size], ids[s + 1:s + 1 + block_size])
-            for s in range(0, len(ids) - 1, block_size) if len(ids) - s > 1]
+    # min(..., len(ids) - 1): the last window is short, and its final token is only a target
+    return [(ids[s:min(s + block_size, len(ids) - 1)], ids[s + 1:s + 1 + block_size])
+            for s in range(0, len(ids) - 1, block_size)]
 
 
 def fixed_sample(examples: list, max_tokens: int) -> list:
