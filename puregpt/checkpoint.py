@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import struct
 import sys
 from array import array
@@ -115,7 +116,7 @@ def read_header(f, path: str, file_size: int) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: bad header: expected a JSON object")
     data_size = file_size - 8 - n
-    ends = [0]
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
@@ -123,20 +124,39 @@ def read_header(f, path: str, file_size: int) -> tuple[dict, int]:
             continue
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{path}: bad header entry for tensor {name!r}")
-        if info["dtype"] not in DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; "
                                   f"supported: {', '.join(DTYPES)}")
-        shape, (begin, end) = info["shape"], info["data_offsets"]
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r} "
+                                  f"(expected [begin, end])")
+        begin, end = offsets
         if end - begin != math.prod(shape) * DTYPES[info["dtype"]][0] or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r}: offsets {begin}..{end} do not "
                                   f"match shape {shape} of {info['dtype']}")
         if end > data_size:
             raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but "
                                   f"the file holds only {data_size} (truncated file)")
-        ends.append(end)
+        spans.append((begin, end, name))
+    # as the format requires (and the safetensors library checks): the tensors tile the data
+    # exactly, without gaps or overlaps, and nothing follows the last one
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, "
+                                  f"expected {at} (tensors overlap or leave a gap)")
+        at = end
+    if at != data_size:
+        raise CheckpointError(f"{path}: {data_size - at} bytes after the last tensor's data "
+                              f"(not a valid safetensors file)")
     return header, 8 + n
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def read_values(f, info: dict, data_start: int) -> list[float]:
@@ -235,11 +255,15 @@ def load_checkpoint(path) -> Checkpoint:
             train_config = (TrainConfig.from_dict(json.loads(meta["train_config"]))
                             if "train_config" in meta else None)
             step = int(meta.get("step", "0"))
+            opt_step = int(meta["optimizer_step"]) if "optimizer_step" in meta else None
             trainer = json.loads(meta.get("trainer", "{}"))
+            if not isinstance(trainer, dict):
+                raise ValueError(f"trainer state must be a JSON object, got {trainer!r}")
             rng_state = None
             if "rng_state" in meta:
                 version, internal, gauss_next = json.loads(meta["rng_state"])
                 rng_state = (version, tuple(internal), gauss_next)
+                random.Random().setstate(rng_state)  # rejects a malformed state now, not later
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: bad metadata: {e}") from None
         if tokenizer.vocab_size != config.vocab_size:
@@ -257,8 +281,8 @@ def load_checkpoint(path) -> Checkpoint:
                 raise CheckpointError(f"{path}: tensor {name} has shape {tensors[name]['shape']}"
                                       f", the config needs {list(shape)}")
             params[name] = unflatten(read_values(f, tensors[name], data_start), list(shape))
-        if "optimizer_step" in meta:
-            optimizer = {"step": int(meta["optimizer_step"]), "m": {}, "v": {}}
+        if opt_step is not None:
+            optimizer = {"step": opt_step, "m": {}, "v": {}}
             for moment in ("m", "v"):
                 for name, shape in shapes.items():
                     key = f"optim.{moment}.{name}"
