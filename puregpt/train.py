@@ -260,7 +260,7 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
     n_workers = tc.workers or os.cpu_count() or 1
     if n_workers > 1 and tc.batch_size > 1:
         from .parallel import WorkerPool
-        workers = WorkerPool(config, min(n_workers, tc.batch_size))
+        workers = _start_workers(WorkerPool, config, min(n_workers, tc.batch_size))
 
     progress = Progress(tc, start, quiet, stream, stdout)
     if not quiet and tc.log_format == "full":
@@ -290,6 +290,10 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
         atomic_write(paths["metrics"], [json.dumps(r).encode() + b"\n" for r in keep])
         metrics_file = open(paths["metrics"], "a", encoding="utf-8")
         if not resume:
+            # a run replaced with --force must not leave its best checkpoint behind: `sample`
+            # and `info` prefer best.safetensors, and this run may never write one
+            if os.path.exists(paths["best"]):
+                os.unlink(paths["best"])
             save_checkpoint(paths["last"], snapshot(0))
 
     stop = {"signal": None}
@@ -401,3 +405,19 @@ def _bpe_maker(tc: TrainConfig):
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _start_workers(pool_class, config, n):
+    """Start the worker pool with SIGINT and SIGTERM ignored, a disposition the workers inherit
+    (through fork, and through exec with spawn): Ctrl-C on a terminal signals the whole process
+    group, and a worker killed by it would fail the step instead of letting the main process
+    finish it and save a resumable checkpoint. The workers stop when the main process closes
+    the pool or dies (their pipe breaks)."""
+    if not _main_thread():
+        return pool_class(config, n)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return pool_class(config, n)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
