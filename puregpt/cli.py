@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .parallel import WorkerError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -283,6 +284,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `puregpt sample | head` closed the pipe: not an error
         sys.stderr.close()
         return 0
-    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError, OSError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, WorkerError, ValueError,
+            OSError) as e:  # WorkerError: a worker process died or failed; its message says how
         print(f"puregpt: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
