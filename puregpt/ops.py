@@ -35,24 +35,25 @@ else:
         """A (n, k), B (m, k) -> A B^T (n, m).
 
         Before Python 3.12 the stdlib has no dot product, but it has math.dist, a C loop that
-        creates no float object per element. The law of cosines turns one into the other:
-            a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2
-        With the squared norms computed once per row, each dot product is one dist() call:
-        1.4-2x the speed of sum(map(mul, a, b)) in a whole training step. The rounding error is
-        ~1e-16 (|a|^2 + |b|^2) instead of ~1e-16 |a||b|: at the scales of a trained model the
-        loss agrees with exact summation to ~1e-16 and gradients to ~1e-15.
+        creates no float object per element. On unit vectors the law of cosines turns one into
+        the other:  a.b = |a| |b| (1 - |a/|a| - b/|b||^2 / 2).
+        With each row scaled to unit length once, every dot product is one dist() call: ~2x
+        the speed of sum(map(mul, a, b)). Working on unit vectors keeps the rounding error at
+        ~1e-16 |a||b|, the same as a plain sum, whatever the scales of a and b.
         """
         if not A or not B:
             return [[] for _ in A]
-        dist = math.dist
-        zeros = [0.0] * len(A[0])
-        nb = [d * d for d in map(dist, B, repeat(zeros))]  # |b|^2 for each row of B
-        out = []
-        for a in A:
-            na = dist(a, zeros)
-            na *= na  # the same rounding as nb, so an all-zero row gives exactly 0, not noise
-            out.append([(na + n - d * d) * 0.5 for n, d in zip(nb, map(dist, B, repeat(a)))])
-        return out
+        dist, zeros = math.dist, [0.0] * len(A[0])
+        A, norms_a = _unit_rows(A, zeros)
+        B, norms_b = _unit_rows(B, zeros)
+        return [[x * y * (1.0 - 0.5 * d * d) for y, d in zip(norms_b, map(dist, B, repeat(a)))]
+                for a, x in zip(A, norms_a)]
+
+    def _unit_rows(rows, zeros):
+        """Each row scaled to length 1 (all-zero rows stay zero: their products are then 0),
+        and the lengths."""
+        norms = list(map(math.dist, rows, repeat(zeros)))
+        return [list(map(mul, r, repeat(1.0 / n))) if n else r for r, n in zip(rows, norms)], norms
 
 
 def matvec(W, x):
