@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -135,7 +135,8 @@ def load_corpus(path: str | None, tc: TrainConfig, block_size: int, rng, tokeniz
     text = read_text(path)
     mode, reason = (tc.mode, "chosen") if tc.mode != "auto" else detect_mode(text)
     if not text.strip():
-        raise DataError(f"{path} is empty: there is nothing to train on")
+        what = "is empty" if not text else "holds only whitespace"
+        raise DataError(f"{path} {what}: there is nothing to train on")
     if mode == "docs":
         docs = [ln.strip() for ln in text.split("\n") if ln.strip()]
         rng.shuffle(docs)

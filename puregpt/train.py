@@ -15,6 +15,7 @@ and (through the step) the data position, so that it is bit-identical to a run t
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -38,6 +39,10 @@ class TrainingError(RuntimeError):
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum  # the shell's convention: exit with 128 + signum
 
 
 @dataclass
@@ -256,45 +261,10 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             params = model.init_params(config, rng)
         opt_state, start, best_val = optim.new_state(params), 0, None
 
-    workers = None
-    n_workers = tc.workers or os.cpu_count() or 1
-    if n_workers > 1 and tc.batch_size > 1:
-        from .parallel import WorkerPool
-        workers = _start_workers(WorkerPool, config, min(n_workers, tc.batch_size))
-
-    progress = Progress(tc, start, quiet, stream, stdout)
-    if not quiet and tc.log_format == "full":
-        progress.message(corpus.describe())
-        progress.message(f"model: {model.num_params(params):,} parameters | "
-                         + ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
-                         + (f" | {workers.n} worker processes" if workers else ""))
-        if resume:
-            progress.message(f"resuming {out} at step {start}"
-                             + (": changed " + "; ".join(changes) if changes else ""))
-
     def snapshot(step):
         return Checkpoint(config, corpus.tokenizer, params, step, tc, opt_state, rng.getstate(),
                           {"data": corpus.path, "sha256": corpus.sha256, "mode": corpus.mode,
                            "best_val": best_val})
-
-    metrics_file = None
-    if out:
-        os.makedirs(out, exist_ok=True)
-        run_info = {"model": config.to_dict(), "train": tc.to_dict(), "data": corpus.path,
-                    "sha256": corpus.sha256, "mode": corpus.mode,
-                    "tokenizer": corpus.tokenizer.to_dict()}
-        atomic_write(paths["config"], [json.dumps(run_info, indent=2).encode() + b"\n"])
-        # rows logged after the checkpoint we resume from belong to a future that never happened
-        keep = [r for r in read_metrics(paths["metrics"]) if r["step"] <= start] \
-            if resume and os.path.exists(paths["metrics"]) else []
-        atomic_write(paths["metrics"], [json.dumps(r).encode() + b"\n" for r in keep])
-        metrics_file = open(paths["metrics"], "a", encoding="utf-8")
-        if not resume:
-            # a run replaced with --force must not leave its best checkpoint behind: `sample`
-            # and `info` prefer best.safetensors, and this run may never write one
-            if os.path.exists(paths["best"]):
-                os.unlink(paths["best"])
-            save_checkpoint(paths["last"], snapshot(0))
 
     stop = {"signal": None}
 
@@ -303,15 +273,53 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             raise KeyboardInterrupt
         stop["signal"] = signum
 
-    handlers = {}
-    if out and _main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, on_signal)
-
+    lock, metrics_file, workers, handlers = None, None, None, {}
+    progress = Progress(tc, start, quiet, stream, stdout)
     grads = model.zeros_like(params)
     result = TrainResult(params, config, corpus.tokenizer, tc, corpus, start, best_val=best_val)
-    t_start = time.perf_counter()
-    try:
+    try:  # everything taken from here on (lock, files, processes, handlers) is given back below
+        if out:
+            os.makedirs(out, exist_ok=True)
+            lock = _lock_run(out)
+            for path in paths.values():  # temporary files of a write a crash cut short
+                folder, name = os.path.split(path)
+                for leftover in glob.glob(os.path.join(glob.escape(folder), f".{name}.*.tmp")):
+                    os.unlink(leftover)
+            run_info = {"model": config.to_dict(), "train": tc.to_dict(), "data": corpus.path,
+                        "sha256": corpus.sha256, "mode": corpus.mode,
+                        "tokenizer": corpus.tokenizer.to_dict()}
+            atomic_write(paths["config"], [json.dumps(run_info, indent=2).encode() + b"\n"])
+            # rows logged after the checkpoint we resume from belong to a future that never was
+            keep = [r for r in read_metrics(paths["metrics"]) if r["step"] <= start] \
+                if resume and os.path.exists(paths["metrics"]) else []
+            atomic_write(paths["metrics"], [json.dumps(r).encode() + b"\n" for r in keep])
+            metrics_file = open(paths["metrics"], "a", encoding="utf-8")
+            if not resume:
+                # a run replaced with --force must not leave its best checkpoint behind:
+                # `sample` and `info` prefer best.safetensors, and this run may never write one
+                if os.path.exists(paths["best"]):
+                    os.unlink(paths["best"])
+                save_checkpoint(paths["last"], snapshot(0))
+
+        n_workers = tc.workers or os.cpu_count() or 1
+        if n_workers > 1 and tc.batch_size > 1:
+            from .parallel import WorkerPool
+            workers = _start_workers(WorkerPool, config, min(n_workers, tc.batch_size))
+
+        if not quiet and tc.log_format == "full":
+            progress.message(corpus.describe())
+            progress.message(f"model: {model.num_params(params):,} parameters | "
+                             + ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
+                             + (f" | {workers.n} worker processes" if workers else ""))
+            if resume:
+                progress.message(f"resuming {out} at step {start}"
+                                 + (": changed " + "; ".join(changes) if changes else ""))
+
+        if out and _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, on_signal)
+
+        t_start = time.perf_counter()
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
             lr = optim.lr_at(step, tc)
@@ -365,7 +373,7 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
                 if stop["signal"] is not None:
                     raise Interrupted(
                         f"interrupted at step {step + 1} of {tc.steps}; saved {paths['last']}. "
-                        f"Resume with: puregpt train --resume {out}")
+                        f"Resume with: puregpt train --resume {out}", stop["signal"])
                 break
     finally:
         if metrics_file:
@@ -374,6 +382,8 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             signal.signal(sig, handler)
         if workers:
             workers.close()
+        if lock is not None:
+            os.close(lock)  # releases the run directory's lock
 
     if not quiet and tc.log_format == "full":
         summary = f"trained to step {result.step}"
@@ -392,6 +402,27 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             print(f"sample {i + 1:2d}: {text}" if tc.log_format == "microgpt" else text,
                   file=stdout)
     return result
+
+
+def _lock_run(out: str) -> int | None:
+    """Refuse to train into a directory another puregpt process is training in: their writes
+    would interleave. The lock is an flock on DIR/.lock, held through the returned descriptor
+    until training ends (closing it releases the lock, as does the process's end, however it
+    ends). Where flock does not exist (Windows), there is no check and None is returned."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TrainingError(f"another puregpt process is training in {out}; wait for it to "
+                            f"finish or stop it (its checkpoint then resumes with --resume)")
+    # forked worker processes share this descriptor; they end before the lock is released,
+    # and if this process dies their pipes break and they exit, so the lock never outlives it
+    return fd
 
 
 def _bpe_maker(tc: TrainConfig):

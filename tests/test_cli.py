@@ -239,7 +239,7 @@ def test_info_describes_a_run(small_run, tmp_path):
 BAD_DATA = [
     ("missing", None, "data file not found: {path}"),
     ("empty", b"", "{path} is empty: there is nothing to train on"),
-    ("whitespace", b" \n\t\n  \n", "{path} is empty: there is nothing to train on"),
+    ("whitespace", b" \n\t\n  \n", "{path} holds only whitespace: there is nothing to train on"),
     ("binary", b"anna\nbob\xff\xfeby\n",
      "{path} is not UTF-8 text: byte 0xff at line 2, column 4 (byte offset 8) cannot be decoded"),
     ("latin-1", "zoë\n".encode("latin-1"), "{path} is not UTF-8 text: byte 0xeb at line 1, column 3 (byte offset 2)"),

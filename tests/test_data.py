@@ -258,7 +258,7 @@ def test_validation_windows_cover_the_stream_tail(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty: there is nothing to train on"),
-    (b"  \n\t\n\n   \n", "is empty: there is nothing to train on"),
+    (b"  \n\t\n\n   \n", "holds only whitespace: there is nothing to train on"),
     (b"anna\nbob\xff\xfeby\n", "is not UTF-8 text: byte 0xff at line 2, column 4 (byte offset 8)"),
     (b"\xc3(", "is not UTF-8 text: byte 0xc3 at line 1, column 1 (byte offset 0)"),
     (b"anna\nb\x00b\n", "contains NUL characters: it looks like a binary file"),

@@ -140,6 +140,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 
     resumed = run_cli("train", "--resume", run, "--quiet", "--samples", "0")
     assert resumed.returncode == 0, resumed.stderr
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]  # the leftover is cleaned up
     assert [r["step"] for r in metrics_rows(run)] == list(range(1, 11))  # 4..6 redone once
     straight = run_cli(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
@@ -149,7 +150,8 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 # --- SIGINT (Ctrl-C) ---------------------------------------------------------------------------
 
 
-def interrupt_when_logged(args, run: Path, rows: int, group: bool = False):
+def interrupt_when_logged(args, run: Path, rows: int, group: bool = False,
+                          signum: int = signal.SIGINT):
     """Start a CLI training run, send SIGINT once metrics.jsonl holds `rows` rows (to the whole
     process group, as a terminal's Ctrl-C does, when group is set); return the finished process
     with its output."""
@@ -163,9 +165,9 @@ def interrupt_when_logged(args, run: Path, rows: int, group: bool = False):
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.01)
         if group:
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signum)
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -205,6 +207,38 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path, group):
         args[args.index(run)] = straight
         assert run_cli(*args, "--quiet").returncode == 0
         assert_same_run(straight, run)
+
+
+def test_sigterm_saves_and_exits_with_143(tmp_path):
+    data = names_file(tmp_path, 200)
+    run = tmp_path / "run"
+    args = ["train", "--data", data, "--out", run, *TINY_RUN, "--steps", 600, "--log-every", 1]
+    code, out, err = interrupt_when_logged(args, run, rows=3, signum=signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    assert "Resume with: puregpt train --resume" in err
+    assert load_checkpoint(run / "last.safetensors").step >= 3
+
+
+def test_a_second_trainer_in_the_same_directory_is_refused(tmp_path):
+    data = names_file(tmp_path, 200)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "puregpt", "train", "--data", str(data),
+                             "--out", str(run), *map(str, TINY_RUN), "--steps", "600",
+                             "--log-every", "1"], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        before = (run / "last.safetensors").read_bytes()
+        second = run_cli("train", "--resume", run, "--quiet")
+        assert second.returncode == 1
+        assert f"another puregpt process is training in {run}" in second.stderr
+        assert (run / "last.safetensors").read_bytes() == before or proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def worker_pids(pid: int) -> list[int]:
