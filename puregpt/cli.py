@@ -1,4 +1,5 @@
-"""The `puregpt` command: train, sample, score, info, plot (and `python -m puregpt`)."""
+"""The `puregpt` command: train, sample, score, info, plot, export, import-hf (and
+`python -m puregpt`)."""
 
 from __future__ import annotations
 
@@ -204,6 +205,33 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .hf import export_hf
+    path, ckpt = _load(args.run)
+    export_hf(ckpt, args.out_dir, args.dtype.upper())
+    print(f"exported {path} to {args.out_dir}: " + ", ".join(sorted(os.listdir(args.out_dir))))
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from .checkpoint import save_checkpoint
+    from .hf import import_hf
+    from .model import num_params
+    if os.path.exists(args.out_ckpt) and not args.force:
+        raise CheckpointError(f"{args.out_ckpt} already exists: choose another OUT_CKPT (or "
+                              f"--force to replace it)")
+    ckpt = import_hf(args.hf_dir)
+    if os.path.dirname(args.out_ckpt):
+        os.makedirs(os.path.dirname(args.out_ckpt), exist_ok=True)
+    save_checkpoint(args.out_ckpt, ckpt)
+    cfg = ckpt.config
+    print(f"wrote {args.out_ckpt}: {num_params(ckpt.params):,} parameters, n_layer={cfg.n_layer}"
+          f", n_embd={cfg.n_embd}, n_head={cfg.n_head}, block_size={cfg.block_size}, "
+          f"{cfg.vocab_size} {ckpt.tokenizer.kind} tokens, {cfg.activation}, "
+          f"{'tied' if cfg.tie_embeddings else 'untied'} lm_head, {ckpt.trainer['mode']} mode")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -266,6 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
     pl.add_argument("-o", "--output", help="SVG file (default: DIR/loss.svg)")
     pl.set_defaults(func=cmd_plot)
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face GPT-2 directory",
+                       description="Write a GPT-2-shaped model (e.g. --preset gpt2) as a "
+                       "directory that transformers' GPT2LMHeadModel and AutoTokenizer load: "
+                       "config.json, model.safetensors and the tokenizer files.")
+    e.add_argument("run", metavar="RUN_OR_CKPT", help="run directory (its best checkpoint) or "
+                   "checkpoint file")
+    e.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (or a previous "
+                   "export of the same kind to replace)")
+    e.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face "
+                   "transformers GPT-2 (the only format so far)")
+    e.add_argument("--dtype", default="f32", choices=["f32", "f64"], type=str.lower,
+                   help="precision of the weights in model.safetensors (default f32; f64 keeps "
+                   "puregpt's weights bit for bit)")
+    e.set_defaults(func=cmd_export)
+
+    ih = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 directory into a "
+                        "puregpt checkpoint",
+                        description="Read a GPT-2 directory (config.json, model.safetensors in "
+                        "F32, F16, BF16 or F64, and vocab.json + merges.txt or tokenizer.json) "
+                        "and write a checkpoint that sample, score and train --init-from use.")
+    ih.add_argument("hf_dir", metavar="HF_DIR", help="the Hugging Face model directory")
+    ih.add_argument("out_ckpt", metavar="OUT_CKPT", help="the puregpt checkpoint file to write")
+    ih.add_argument("--force", action="store_true", help="replace OUT_CKPT if it exists")
+    ih.set_defaults(func=cmd_import_hf)
     return p
 
 

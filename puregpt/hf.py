@@ -1,0 +1,648 @@
+"""Hugging Face GPT-2 interchange: export a puregpt model as a directory that
+`transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load, and
+import such a directory as a puregpt checkpoint. Pure Python (json, struct, array): neither
+direction needs torch, transformers or safetensors.
+
+The layout (puregpt stores a linear layer's weight [out][in], as torch's Linear; GPT-2's Conv1D
+stores it (in, out), so every projection is transposed; Q, K and V are fused into one c_attn):
+
+    puregpt                             GPT-2 (model.safetensors)
+    wte (V, C)                          transformer.wte.weight (V, C)
+    wpe (T, C)                          transformer.wpe.weight (T, C)
+    layer{l}.attn_norm_g, _b            transformer.h.{l}.ln_1.weight, .bias
+    layer{l}.attn_wq, attn_wk, attn_wv  transformer.h.{l}.attn.c_attn.weight (C, 3C)
+                                            = [Wq^T Wk^T Wv^T] (side by side)
+    layer{l}.attn_wq_b, _wk_b, _wv_b    transformer.h.{l}.attn.c_attn.bias (3C) = [bq bk bv]
+    layer{l}.attn_wo (C, C), _b         transformer.h.{l}.attn.c_proj.weight (C, C) = Wo^T, .bias
+    layer{l}.mlp_norm_g, _b             transformer.h.{l}.ln_2.weight, .bias
+    layer{l}.mlp_fc1 (4C, C), _b        transformer.h.{l}.mlp.c_fc.weight (C, 4C) = W^T, .bias
+    layer{l}.mlp_fc2 (C, 4C), _b        transformer.h.{l}.mlp.c_proj.weight (4C, C) = W^T, .bias
+    final_norm_g, _b                    transformer.ln_f.weight, .bias
+    lm_head (V, C), untied models only  lm_head.weight (V, C); tied: GPT-2 reuses wte
+
+What GPT-2 can express: the GPT-2 block (learned positions, pre-LayerNorm with gain and bias,
+biases, a final LayerNorm) with any of puregpt's activations (config.json's activation_function
+"gelu_new" for gelu_tanh, "gelu" for the exact GELU, "relu") and a tied or untied lm_head
+(tie_word_embeddings). Everything else is refused rather than faked with constant weights (zero
+biases, unit gains, a frozen sinusoid table), so an export imports back to the same config.
+
+Tokenizers: a byte-level BPE vocabulary is written as GPT-2's vocab.json + merges.txt (and the
+equivalent tokenizer.json); a character vocabulary as a tokenizer.json for the `tokenizers`
+library (each character a word of a WordLevel model, split one character at a time, BOS an added
+special token "<|endoftext|>"), so AutoTokenizer gives puregpt's ids in both cases. One
+difference: HF tokenizers turn the literal text "<|endoftext|>" into the BOS id, puregpt encodes
+it as ordinary text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from array import array
+
+from .checkpoint import Checkpoint, CheckpointError, atomic_write, read_header, read_values
+from .config import ConfigError, GPTConfig
+from .model import param_shapes
+from .tokenizer import CharTokenizer
+
+EXPORT_DTYPES = {"F32": ("f", "float32"), "F64": ("d", "float64")}
+CHAR_BOS_TOKEN = "<|endoftext|>"  # the BOS token's text in an exported character vocabulary
+CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
+              "invert": False}  # every character (newlines included) its own piece
+# puregpt activation -> config.json activation_function, and what import accepts
+ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                      "relu": "relu"}
+FLOAT32_MAX = 3.4028234663852886e38
+# buffers some GPT-2 checkpoints carry (the causal mask and its fill value): not weights
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+# puregpt field -> (value GPT-2 needs, why, the flag that sets it)
+_GPT2_SHAPE = {
+    "pos": ("learned", "GPT-2 learns its position embeddings (wpe)", "--pos learned"),
+    "norm": ("layernorm", "GPT-2 normalizes with LayerNorm", "--norm layernorm"),
+    "norm_affine": (True, "GPT-2's LayerNorms have a gain and a bias", "--norm-affine"),
+    "norm_position": ("pre", "GPT-2 normalizes before each sub-block (x + f(norm(x)))",
+                      "--norm-position pre"),
+    "emb_norm": (False, "GPT-2 has no norm after the embeddings", "--no-emb-norm"),
+    "final_norm": (True, "GPT-2 ends with a LayerNorm (ln_f)", "--final-norm"),
+    "bias": (True, "GPT-2's attention and MLP layers have biases", "--bias"),
+}
+
+
+# --- the layout --------------------------------------------------------------------------------
+
+
+def gpt2_incompatibilities(config: GPTConfig) -> list[str]:
+    """What keeps `config` from being a GPT-2 (one line per option, with the flag that fixes
+    it); empty when the model can be exported."""
+    out = []
+    for name, (want, why, flag) in _GPT2_SHAPE.items():
+        have = getattr(config, name)
+        if have != want:
+            out.append(f"{name}={have!r}: {why} (use {flag})")
+    return out
+
+
+def _layout(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
+    """Every GPT-2 tensor as (name without the "transformer." prefix, its shape, how it is made
+    from puregpt's tensors, those tensors' names). How: "copy" (same values, same shape), "T"
+    (a Conv1D weight: puregpt's [out][in] transposed), "qkv" (Wq, Wk, Wv transposed side by
+    side), "cat" (vectors one after the other)."""
+    V, C, T = config.vocab_size, config.n_embd, config.block_size
+    out = [("wte.weight", (V, C), "copy", ("wte",)), ("wpe.weight", (T, C), "copy", ("wpe",))]
+    for l in range(config.n_layer):
+        h, p = f"h.{l}.", f"layer{l}."
+        out += [
+            (h + "ln_1.weight", (C,), "copy", (p + "attn_norm_g",)),
+            (h + "ln_1.bias", (C,), "copy", (p + "attn_norm_b",)),
+            (h + "attn.c_attn.weight", (C, 3 * C), "qkv",
+             (p + "attn_wq", p + "attn_wk", p + "attn_wv")),
+            (h + "attn.c_attn.bias", (3 * C,), "cat",
+             (p + "attn_wq_b", p + "attn_wk_b", p + "attn_wv_b")),
+            (h + "attn.c_proj.weight", (C, C), "T", (p + "attn_wo",)),
+            (h + "attn.c_proj.bias", (C,), "copy", (p + "attn_wo_b",)),
+            (h + "ln_2.weight", (C,), "copy", (p + "mlp_norm_g",)),
+            (h + "ln_2.bias", (C,), "copy", (p + "mlp_norm_b",)),
+            (h + "mlp.c_fc.weight", (C, 4 * C), "T", (p + "mlp_fc1",)),
+            (h + "mlp.c_fc.bias", (4 * C,), "copy", (p + "mlp_fc1_b",)),
+            (h + "mlp.c_proj.weight", (4 * C, C), "T", (p + "mlp_fc2",)),
+            (h + "mlp.c_proj.bias", (C,), "copy", (p + "mlp_fc2_b",)),
+        ]
+    out += [("ln_f.weight", (C,), "copy", ("final_norm_g",)),
+            ("ln_f.bias", (C,), "copy", ("final_norm_b",))]
+    if not config.tie_embeddings:
+        out.append(("lm_head.weight", (V, C), "copy", ("lm_head",)))
+    return out
+
+
+def _file_name(name: str) -> str:
+    """The name a tensor has in files transformers writes: all but lm_head under transformer."""
+    return name if name.startswith("lm_head.") else "transformer." + name
+
+
+def _to_hf(how: str, tensors: list) -> list[float]:
+    """The flat, row-major values of one GPT-2 tensor, from puregpt's tensors."""
+    if how == "copy":
+        t = tensors[0]
+        return [x for row in t for x in row] if isinstance(t[0], list) else list(t)
+    if how == "cat":
+        return [x for t in tensors for x in t]
+    if how == "T":  # (in, out): row i holds column i of [out][in]
+        return [x for column in zip(*tensors[0]) for x in column]
+    # qkv: row i of (C, 3C) is column i of Wq, then of Wk, then of Wv
+    return [x for cq, ck, cv in zip(*(zip(*w) for w in tensors)) for col in (cq, ck, cv)
+            for x in col]
+
+
+def _from_hf(how: str, values: list[float], shape: tuple[int, ...], names: tuple[str, ...],
+             config: GPTConfig) -> dict:
+    """puregpt's tensors (name -> matrix or vector) from one GPT-2 tensor's flat values."""
+    if how == "copy":
+        if len(shape) == 1:
+            return {names[0]: values}
+        rows, cols = shape
+        return {names[0]: [values[r * cols:(r + 1) * cols] for r in range(rows)]}
+    if how == "cat":
+        n = len(values) // len(names)
+        return {name: values[k * n:(k + 1) * n] for k, name in enumerate(names)}
+    if how == "T":  # (in, out) -> [out][in]: row o is column o, every out-th value from o
+        n_out = shape[1]
+        return {names[0]: [values[o::n_out] for o in range(n_out)]}
+    C = config.n_embd  # qkv: (C, 3C); Wq row o is column o, Wk row o column C + o, ...
+    return {name: [values[k * C + o::3 * C] for o in range(C)] for k, name in enumerate(names)}
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _check_exportable(ckpt: Checkpoint, dtype: str) -> None:
+    """Everything that could make an export fail, checked before anything is written."""
+    config = ckpt.config
+    problems = gpt2_incompatibilities(config)
+    if problems:
+        flags = [flag for name, (want, _, flag) in _GPT2_SHAPE.items()
+                 if getattr(config, name) != want]
+        raise ConfigError(
+            "cannot export to Hugging Face GPT-2: this model has option(s) GPT-2 cannot "
+            "express:\n  " + "\n  ".join(problems) + "\nTrain a compatible model with "
+            f"--preset gpt2, or with the flags: {' '.join(flags)}")
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if ckpt.tokenizer.kind not in ("char", "bpe"):
+        raise ConfigError(f"cannot export a {ckpt.tokenizer.kind!r} tokenizer")
+    if ckpt.tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"the vocabulary has {ckpt.tokenizer.vocab_size} tokens but the "
+                              f"config says vocab_size={config.vocab_size}")
+    shapes = param_shapes(config)
+    if set(ckpt.params) != set(shapes):
+        raise CheckpointError(f"the parameters do not match the config: missing "
+                              f"{sorted(set(shapes) - set(ckpt.params))}, unexpected "
+                              f"{sorted(set(ckpt.params) - set(shapes))}")
+    limit = FLOAT32_MAX if dtype == "F32" else math.inf
+    for name, shape in shapes.items():
+        t = ckpt.params[name]
+        rows = t if len(shape) == 2 else [t]
+        if len(shape) == 2 and not all(isinstance(r, list) for r in t):
+            raise CheckpointError(f"parameter {name} must be a matrix of shape {list(shape)}")
+        if len(rows) != (shape[0] if len(shape) == 2 else 1) or \
+                any(len(r) != shape[-1] for r in rows):
+            raise CheckpointError(f"parameter {name} does not have the config's shape "
+                                  f"{list(shape)}")
+        for r in rows:
+            if not all(abs(x) <= limit for x in r):  # also false for NaN
+                raise CheckpointError(
+                    f"parameter {name} holds a value that is not finite"
+                    + (" as float32 (export with dtype F64)" if dtype == "F32" else ""))
+
+
+def _safetensors_chunks(ckpt: Checkpoint, dtype: str):
+    """model.safetensors as transformers writes it, produced one tensor at a time."""
+    typecode, _ = EXPORT_DTYPES[dtype]
+    size = array(typecode).itemsize
+    layout = _layout(ckpt.config)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _, _ in layout:
+        n = math.prod(shape) * size
+        header[_file_name(name)] = {"dtype": dtype, "shape": list(shape),
+                                    "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    yield len(blob).to_bytes(8, "little")
+    yield blob
+    for name, shape, how, names in layout:
+        a = array(typecode, _to_hf(how, [ckpt.params[n] for n in names]))
+        if sys.byteorder == "big":
+            a.byteswap()
+        yield a.tobytes()
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _hf_config(ckpt: Checkpoint, dtype: str) -> dict:
+    c, bos = ckpt.config, ckpt.tokenizer.bos
+    return {
+        "activation_function": ACTIVATION_TO_HF[c.activation],
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.0,
+        "bos_token_id": bos,
+        "dtype": EXPORT_DTYPES[dtype][1],
+        "embd_pdrop": 0.0,
+        "eos_token_id": bos,
+        "initializer_range": c.init_std,
+        "layer_norm_epsilon": c.norm_eps,
+        "model_type": "gpt2",
+        "n_ctx": c.block_size,
+        "n_embd": c.n_embd,
+        "n_head": c.n_head,
+        "n_inner": None,
+        "n_layer": c.n_layer,
+        "n_positions": c.block_size,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": 0.0,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "summary_first_dropout": 0.0,
+        "tie_word_embeddings": c.tie_embeddings,
+        "use_cache": True,
+        "vocab_size": c.vocab_size,
+        # read back by import_hf: how puregpt sample/score treat text (documents or a stream)
+        "puregpt": {"mode": ckpt.trainer.get("mode", "docs"), "step": ckpt.step},
+    }
+
+
+def _bpe_tokenizer_json(tok) -> dict:
+    """GPT-2's tokenizer.json for a puregpt BPETokenizer (what its hub repository holds)."""
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added_token(tok.bos, tok.bos_token)],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "post_processor": {"type": "ByteLevel", **byte_level, "trim_offsets": False},
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False,
+                  "vocab": dict(sorted(tok.encoder.items(), key=lambda kv: kv[1])),
+                  "merges": [f"{a} {b}" for a, b in tok.merges]},
+    }
+
+
+def _char_tokenizer_json(tok: CharTokenizer) -> dict:
+    """A character vocabulary for the `tokenizers` library: split into single characters, look
+    each up in a WordLevel vocabulary (an unknown character is an error, as in puregpt), join
+    the pieces back without spaces (the Fuse decoder)."""
+    vocab = {ch: i for i, ch in enumerate(tok.chars)}
+    vocab[CHAR_BOS_TOKEN] = tok.bos
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added_token(tok.bos, CHAR_BOS_TOKEN)],
+        "normalizer": None,
+        "pre_tokenizer": CHAR_SPLIT,
+        "post_processor": None,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+
+
+def _added_token(i: int, text: str) -> dict:
+    return {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def _export_files(ckpt: Checkpoint, dtype: str) -> dict:
+    """file name -> a zero-argument function giving its byte chunks (model.safetensors first:
+    it is the one that takes time)."""
+    tok, block = ckpt.tokenizer, ckpt.config.block_size
+    files = {
+        "model.safetensors": lambda: _safetensors_chunks(ckpt, dtype),
+        "config.json": lambda: [_json_bytes(_hf_config(ckpt, dtype))],
+        "generation_config.json": lambda: [_json_bytes(
+            {"bos_token_id": tok.bos, "eos_token_id": tok.bos})],
+    }
+    if tok.kind == "bpe":
+        files["vocab.json"] = lambda: [json.dumps(dict(sorted(
+            tok.encoder.items(), key=lambda kv: kv[1])), ensure_ascii=False).encode("utf-8")]
+        # transformers' slow GPT2Tokenizer drops merges.txt's first line: keep the header
+        files["merges.txt"] = lambda: ["#version: 0.2\n".encode("utf-8"),
+                                       "".join(f"{a} {b}\n" for a, b in tok.merges)
+                                       .encode("utf-8")]
+        files["tokenizer.json"] = lambda: [_json_bytes(_bpe_tokenizer_json(tok))]
+        files["tokenizer_config.json"] = lambda: [_json_bytes({
+            "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+            "add_bos_token": False, "bos_token": tok.bos_token, "eos_token": tok.bos_token,
+            "unk_token": tok.bos_token, "clean_up_tokenization_spaces": False,
+            "errors": "replace", "model_max_length": block})]
+    else:
+        files["tokenizer.json"] = lambda: [_json_bytes(_char_tokenizer_json(tok))]
+        files["tokenizer_config.json"] = lambda: [_json_bytes({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": CHAR_BOS_TOKEN,
+            "eos_token": CHAR_BOS_TOKEN, "clean_up_tokenization_spaces": False,
+            "model_max_length": block})]
+    return files
+
+
+def export_hf(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
+    """Write ckpt as a Hugging Face GPT-2 directory: config.json, generation_config.json,
+    model.safetensors (dtype "F32" or "F64") and the tokenizer files (see the module docstring).
+
+    Everything is checked first: a model GPT-2 cannot express raises ConfigError listing every
+    incompatible option, and so does an out_dir holding files this export would not replace
+    (stale files of another export would confuse loaders). A new out_dir is built beside its
+    final place and renamed into it, so it appears complete or not at all; in an existing one
+    each file is replaced atomically.
+    """
+    dtype = dtype.upper()
+    _check_exportable(ckpt, dtype)
+    out_dir = os.path.normpath(os.fspath(out_dir))
+    files = _export_files(ckpt, dtype)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ConfigError(f"{out_dir} exists and is not a directory")
+        foreign = sorted(set(os.listdir(out_dir)) - set(files))
+        if foreign:
+            raise ConfigError(f"{out_dir} already holds files this export would not replace: "
+                              f"{', '.join(foreign)}; export into a new or empty directory")
+        for name, chunks in files.items():
+            atomic_write(os.path.join(out_dir, name), chunks())
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
+    if os.path.exists(tmp):  # left by a crashed export of this same process id
+        shutil.rmtree(tmp)
+    os.mkdir(tmp)
+    try:
+        for name, chunks in files.items():
+            atomic_write(os.path.join(tmp, name), chunks())
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- import ------------------------------------------------------------------------------------
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return d
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _gpt_config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
+    """puregpt's config of the GPT-2 that config.json describes; every problem found is listed
+    in one CheckpointError. Also returns config.json's "puregpt" section (or {})."""
+    problems = []
+    if d.get("model_type") != "gpt2":
+        problems.append(f"model_type is {d.get('model_type')!r}; only 'gpt2' can be imported")
+    if "n_positions" not in d and "n_ctx" in d:
+        d = {**d, "n_positions": d["n_ctx"]}
+    required = ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head")
+    missing = [k for k in required if k not in d]
+    if missing:
+        problems.append(f"missing key(s): {', '.join(missing)}")
+    for k in required:
+        if k in d and not (_is_int(d[k]) and d[k] >= 1):
+            problems.append(f"{k} must be a positive integer, got {d[k]!r}")
+    act = d.get("activation_function", "gelu_new")
+    if act not in ACTIVATION_FROM_HF:
+        problems.append(f"activation_function {act!r} is not supported (supported: "
+                        f"{', '.join(ACTIVATION_FROM_HF)})")
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
+        problems.append(f"layer_norm_epsilon must be a positive number, got {eps!r}")
+    tie = d.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        problems.append(f"tie_word_embeddings must be true or false, got {tie!r}")
+    n_embd = d.get("n_embd")
+    if d.get("n_inner") is not None and d.get("n_inner") != (4 * n_embd if _is_int(n_embd)
+                                                             else None):
+        problems.append(f"n_inner={d['n_inner']!r}: puregpt's MLP is 4 * n_embd wide")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if d.get(key, want) != want:
+            problems.append(f"{key}={d[key]!r} is not supported (puregpt needs {want!r})")
+    if not problems and n_embd % d["n_head"]:
+        problems.append(f"n_embd ({n_embd}) is not divisible by n_head ({d['n_head']})")
+    if problems:
+        raise CheckpointError(f"{path}: cannot import this config:\n  " + "\n  ".join(problems))
+    std = d.get("initializer_range", 0.02)
+    if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
+        std = 0.02
+    try:
+        config = GPTConfig(vocab_size=d["vocab_size"], block_size=d["n_positions"],
+                           n_layer=d["n_layer"], n_embd=n_embd, n_head=d["n_head"],
+                           pos="learned", norm="layernorm", norm_affine=True,
+                           norm_position="pre", emb_norm=False, final_norm=True,
+                           activation=ACTIVATION_FROM_HF[act], bias=True, tie_embeddings=tie,
+                           init_std=float(std), scaled_init=True, norm_eps=float(eps))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot import this config: {e}") from None
+    extra = d.get("puregpt")
+    return config, extra if isinstance(extra, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token in tokenizer_config.json: a string or {"content": string}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _bos_token(hf_dir: str, hf_config: dict, id_to_token: dict) -> str:
+    """The token puregpt uses as BOS (its document separator; GPT-2 uses <|endoftext|> as both
+    its BOS and its EOS): tokenizer_config.json's eos/bos token, else config.json's
+    eos/bos_token_id, else "<|endoftext|>"."""
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    tc = _read_json(path) if os.path.isfile(path) else {}
+    candidates = [_token_text(tc.get("eos_token")), _token_text(tc.get("bos_token"))]
+    candidates += [id_to_token.get(hf_config.get(k)) for k in ("eos_token_id", "bos_token_id")
+                   if _is_int(hf_config.get(k))]
+    known = set(id_to_token.values())
+    for token in candidates + ["<|endoftext|>"]:
+        if token in known:
+            return token
+    raise CheckpointError(f"{hf_dir}: cannot tell which token is BOS/EOS: neither "
+                          f"tokenizer_config.json nor config.json names one in the vocabulary, "
+                          f"and the vocabulary has no <|endoftext|>")
+
+
+def _tokenizer_files(hf_dir: str) -> tuple[str, list[str]]:
+    """Which tokenizer the directory holds ("files": vocab.json + merges.txt, "json":
+    tokenizer.json), or ("", the names of the missing files)."""
+    have = {name: os.path.isfile(os.path.join(hf_dir, name))
+            for name in ("vocab.json", "merges.txt", "tokenizer.json")}
+    if have["vocab.json"] and have["merges.txt"]:
+        return "files", []
+    if have["tokenizer.json"]:
+        return "json", []
+    if have["vocab.json"] or have["merges.txt"]:
+        return "", ["merges.txt" if have["vocab.json"] else "vocab.json"]
+    return "", ["vocab.json + merges.txt (or tokenizer.json)"]
+
+
+def _read_tokenizer(hf_dir: str, kind: str, hf_config: dict):
+    from .bpe import BPETokenizer
+    if kind == "files":
+        vocab, merges = (os.path.join(hf_dir, n) for n in ("vocab.json", "merges.txt"))
+        encoder = _read_json(vocab)
+        id_to_token = {i: t for t, i in encoder.items()}
+        try:
+            return BPETokenizer.from_files(vocab, merges,
+                                           _bos_token(hf_dir, hf_config, id_to_token))
+        except ValueError as e:
+            raise CheckpointError(f"{hf_dir}: unusable tokenizer: {e}") from None
+    path = os.path.join(hf_dir, "tokenizer.json")
+    tj = _read_json(path)
+    model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
+    added = [t for t in tj.get("added_tokens") or []
+             if isinstance(t, dict) and isinstance(t.get("content"), str)]
+    if model.get("type") == "WordLevel" and tj.get("pre_tokenizer") == CHAR_SPLIT:
+        return _char_tokenizer(path, tj, model, added)
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"{path}: unsupported tokenizer model {model.get('type')!r}: "
+                              f"puregpt reads a byte-level BPE (GPT-2's) or a character "
+                              f"vocabulary written by `puregpt export`")
+    pre = tj.get("pre_tokenizer") or {}
+    problems = []
+    if tj.get("normalizer") is not None:
+        problems.append("it has a normalizer")
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or \
+            not pre.get("use_regex", True):
+        problems.append("its pre-tokenizer is not GPT-2's ByteLevel (add_prefix_space false, "
+                        "use_regex true)")
+    if model.get("ignore_merges") or model.get("dropout") or model.get("byte_fallback") or \
+            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        problems.append("its BPE model has options GPT-2's BPE lacks (ignore_merges, dropout, "
+                        "byte_fallback, prefixes or suffixes)")
+    if problems:
+        raise CheckpointError(f"{path}: not a GPT-2 byte-level BPE: " + "; ".join(problems))
+    encoder = dict(model.get("vocab") or {})
+    for t in added:
+        encoder.setdefault(t.get("content"), t.get("id"))
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges") or []]
+    id_to_token = {i: t for t, i in encoder.items()}
+    try:
+        return BPETokenizer(encoder, merges, _bos_token(hf_dir, hf_config, id_to_token))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unusable tokenizer: {e}") from None
+
+
+def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokenizer:
+    vocab = model.get("vocab") or {}
+    specials = [t.get("content") for t in added if t.get("special")]
+    chars = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
+    bos = [t for t in specials if t in vocab]
+    if (len(bos) != 1 or vocab[bos[0]] != len(chars) or sorted(vocab.values()) !=
+            list(range(len(vocab))) or chars != sorted(set(chars))
+            or not all(len(c) == 1 for c in chars)):
+        raise CheckpointError(f"{path}: a character vocabulary must hold single characters "
+                              f"with ids 0..n-1 in sorted order and one special (BOS) token "
+                              f"with id n, as `puregpt export` writes it")
+    return CharTokenizer(chars)
+
+
+def _read_weights(path: str, config: GPTConfig) -> dict:
+    """puregpt's parameters from a GPT-2 model.safetensors, one tensor at a time (seek + read),
+    each converted straight into puregpt's layout."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header, data_start = read_header(f, path, size)
+        tensors = {}  # name without "transformer." -> (name in the file, header entry)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            short = name[len("transformer."):] if name.startswith("transformer.") else name
+            if _BUFFER.fullmatch(short):
+                continue
+            if short in tensors:
+                raise CheckpointError(f"{path}: tensor {short} appears twice ({tensors[short][0]}"
+                                      f" and {name})")
+            tensors[short] = (name, info)
+        layout = _layout(config)
+        expected = {name for name, *_ in layout}
+        optional = {"lm_head.weight"} if config.tie_embeddings else set()
+        missing = [_file_name(n) for n, *_ in layout if n not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
+        unexpected = sorted(tensors[n][0] for n in set(tensors) - expected - optional)
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected tensors (not part of a GPT-2 "
+                                  f"GPT2LMHeadModel): {', '.join(unexpected)}")
+        shapes = [(n, s) for n, s, *_ in layout]
+        if "lm_head.weight" in tensors and config.tie_embeddings:
+            shapes.append(("lm_head.weight", (config.vocab_size, config.n_embd)))
+        bad = [f"{tensors[n][0]}: expected {list(s)}, found {tensors[n][1]['shape']}"
+               for n, s in shapes if tuple(tensors[n][1]["shape"]) != s]
+        if bad:
+            raise CheckpointError(f"{path}: tensor shapes do not match config.json (n_embd="
+                                  f"{config.n_embd}, n_layer={config.n_layer}, n_positions="
+                                  f"{config.block_size}, vocab_size={config.vocab_size}):\n  "
+                                  + "\n  ".join(bad))
+        params = {}
+        for name, shape, how, names in layout:
+            values = read_values(f, tensors[name][1], data_start)
+            if not all(map(math.isfinite, values)):
+                raise CheckpointError(f"{path}: tensor {tensors[name][0]} holds values that are "
+                                      f"not finite (inf or NaN)")
+            params.update(_from_hf(how, values, shape, names, config))
+        if "lm_head.weight" in tensors and config.tie_embeddings:
+            name = tensors["lm_head.weight"][0]
+            head = read_values(f, tensors["lm_head.weight"][1], data_start)
+            C = config.n_embd
+            if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
+                raise CheckpointError(
+                    f"{path}: {name} differs from {tensors['wte.weight'][0]} but config.json "
+                    f"ties them (tie_word_embeddings is true or absent); set "
+                    f"\"tie_word_embeddings\": false to import the separate head")
+    shapes = param_shapes(config)
+    assert set(params) == set(shapes), (sorted(params), sorted(shapes))
+    return {name: params[name] for name in shapes}  # puregpt's order
+
+
+def import_hf(hf_dir) -> Checkpoint:
+    """Read a Hugging Face GPT-2 directory (config.json, model.safetensors in F64/F32/F16/BF16,
+    and vocab.json + merges.txt or a tokenizer.json: GPT-2's byte-level BPE, or a character
+    vocabulary written by export_hf) into a puregpt checkpoint of the gpt2 shape.
+
+    Both tensor-name styles are read (transformer.h.0... and bare h.0...); the attention-mask
+    buffers (attn.bias, attn.masked_bias) are ignored. A tied model may carry lm_head.weight
+    only if it equals wte; tie_word_embeddings false gives an untied puregpt model
+    (tie_embeddings=False). Every problem raises CheckpointError naming the file, key or tensor.
+    The checkpoint's trainer metadata gives the mode `puregpt sample` and `score` use: "stream"
+    (continuous text) unless config.json's "puregpt" section, written by export_hf, says "docs".
+    """
+    hf_dir = os.fspath(hf_dir)
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no such directory (expected a Hugging Face GPT-2 "
+                              f"directory with config.json, model.safetensors and tokenizer "
+                              f"files)")
+    config_path = os.path.join(hf_dir, "config.json")
+    weights_path = os.path.join(hf_dir, "model.safetensors")
+    missing = [n for n, p in (("config.json", config_path), ("model.safetensors", weights_path))
+               if not os.path.isfile(p)]
+    kind, missing_tok = _tokenizer_files(hf_dir)
+    missing += missing_tok
+    if missing:
+        hint = ""
+        if "model.safetensors" in missing:
+            if os.path.isfile(os.path.join(hf_dir, "model.safetensors.index.json")):
+                hint = " (sharded checkpoints are not supported: merge the shards first)"
+            elif os.path.isfile(os.path.join(hf_dir, "pytorch_model.bin")):
+                hint = (" (pytorch_model.bin is pickle, which puregpt does not read: resave "
+                        "with save_pretrained(dir, safe_serialization=True))")
+        raise CheckpointError(f"{hf_dir}: missing file(s): {', '.join(missing)}{hint}")
+    hf_config = _read_json(config_path)
+    config, extra = _gpt_config_from_hf(hf_config, config_path)
+    tokenizer = _read_tokenizer(hf_dir, kind, hf_config)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                              f"config.json says vocab_size={config.vocab_size}")
+    params = _read_weights(weights_path, config)
+    mode = extra.get("mode") if extra.get("mode") in ("docs", "stream") else "stream"
+    return Checkpoint(config, tokenizer, params, step=0,
+                      trainer={"mode": mode, "imported_from": os.path.abspath(hf_dir)})
