@@ -281,12 +281,12 @@ class BPETokenizer:
         os.makedirs(directory, exist_ok=True)
         vocab_path = os.path.join(directory, "vocab.json")
         merges_path = os.path.join(directory, "merges.txt")
+        from .checkpoint import atomic_write  # each file complete or not there at all
         by_id = dict(sorted(self.encoder.items(), key=lambda kv: kv[1]))
-        with open(vocab_path, "w", encoding="utf-8") as f:
-            json.dump(by_id, f, ensure_ascii=False)
-        with open(merges_path, "w", encoding="utf-8", newline="\n") as f:
-            # transformers' old GPT2Tokenizer drops the first line unconditionally: keep a header.
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        atomic_write(vocab_path, [json.dumps(by_id, ensure_ascii=False).encode("utf-8")])
+        # transformers' old GPT2Tokenizer drops the first line unconditionally: keep a header.
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
+        atomic_write(merges_path, [merges.encode("utf-8")])
         return vocab_path, merges_path
 
     # ----------------------------------------------------------------------------- training
