@@ -203,7 +203,7 @@ class Checkpoint:
     params: dict
     step: int = 0
     train_config: TrainConfig | None = None
-    optimizer: dict | None = None  # {"step": int, "m": {...}, "v": {...}} as optim.new_state
+    optimizer: dict | None = None  # {"step", "m", "v"} as optim.new_state: flat lists per name
     rng_state: tuple | None = None
     trainer: dict = field(default_factory=dict)  # trainer bookkeeping (data position, best loss)
 
@@ -227,8 +227,8 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
     if ckpt.optimizer is not None:
         meta["optimizer_step"] = str(ckpt.optimizer["step"])
         for moment in ("m", "v"):
-            for name, rows in ckpt.optimizer[moment].items():
-                tensors[f"optim.{moment}.{name}"] = rows if _shape(ckpt.params[name])[1:] else rows[0]
+            for name, flat in ckpt.optimizer[moment].items():  # flat, stored in its param's shape
+                tensors[f"optim.{moment}.{name}"] = unflatten(flat, _shape(ckpt.params[name]))
     atomic_write(path, safetensors_chunks(tensors, meta))
 
 
@@ -289,8 +289,7 @@ def load_checkpoint(path) -> Checkpoint:
                     if key not in tensors or tuple(tensors[key]["shape"]) != shape:
                         raise CheckpointError(f"{path}: optimizer tensor {key} missing or "
                                               f"misshapen")
-                    rows = unflatten(read_values(f, tensors[key], data_start), list(shape))
-                    optimizer[moment][name] = rows if len(shape) == 2 else [rows]
+                    optimizer[moment][name] = read_values(f, tensors[key], data_start)
         unknown = set(tensors) - set(shapes) - {k for k in tensors if k.startswith("optim.")}
         if unknown:
             raise CheckpointError(f"{path}: unexpected tensors: {', '.join(sorted(unknown))}")
