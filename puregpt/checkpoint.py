@@ -58,6 +58,11 @@ def atomic_write(path: str, chunks) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
     if hasattr(os, "O_DIRECTORY"):
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -44,7 +44,8 @@ import shutil
 import sys
 from array import array
 
-from .checkpoint import Checkpoint, CheckpointError, atomic_write, read_header, read_values
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, fsync_dir, read_header,
+                         read_values)
 from .config import ConfigError, GPTConfig
 from .model import param_shapes
 from .tokenizer import CharTokenizer
@@ -367,12 +368,7 @@ def export_hf(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(parent)
 
 
 # --- import ------------------------------------------------------------------------------------

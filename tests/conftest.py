@@ -1,5 +1,6 @@
 """Shared helpers of the numerical tests (gradcheck, torch parity, KV cache): the architecture
-combinations, tiny configs with perturbed weights, and random variable-length batches.
+combinations, tiny configs with perturbed weights, and random variable-length batches; and the
+finished training run that the CLI and training tests copy.
 
 Any test taking an argument named `combo` runs once per combination (see pytest_generate_tests)
 unless it parametrizes `combo` itself (with a subset).
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
+
+import pytest
 
 from puregpt import model
 from puregpt.config import CHOICES, GPTConfig
@@ -76,3 +80,23 @@ def random_batch(cfg: GPTConfig, rng: random.Random, lengths, ignore_frac: float
     if all(y < 0 for seq in targets for y in seq):
         targets[0][0] = 0
     return inputs, targets
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 6-step CLI run on 200 names (evaluations at steps 3 and 6), made once per
+    module; tests that change it take `run_copy`."""
+    from helpers_train import TINY_RUN, names_file, run_cli
+    base = tmp_path_factory.mktemp("base")
+    data = names_file(base, 200)
+    proc = run_cli("train", "--data", data, "--out", base / "run", *TINY_RUN, "--steps", 6,
+                   "--eval-every", 3, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return base / "run", data
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    run, data = finished_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", data

@@ -106,3 +106,4 @@ EXACT_KEYS = ("step", "loss", "lr", "tokens", "val_loss", "novel_frac")
 
 def exact_rows(run_dir: Path) -> list[tuple]:
     return [tuple(row.get(k) for k in EXACT_KEYS) for row in metrics_rows(run_dir)]
+

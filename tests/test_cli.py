@@ -28,24 +28,6 @@ from puregpt.sample import generate_text
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """A finished 6-step run on 200 names, with evaluations at steps 3 and 6."""
-    base = tmp_path_factory.mktemp("small")
-    data = names_file(base, 200)
-    proc = run_cli("train", "--data", data, "--out", base / "run", *TINY_RUN, "--steps", 6,
-                   "--eval-every", 3, "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    return base / "run", data
-
-
-@pytest.fixture
-def run_copy(small_run, tmp_path):
-    run, data = small_run
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run", data
-
-
 # --- microgpt, number for number ---------------------------------------------------------------
 
 
@@ -209,8 +191,8 @@ def test_python_dash_m_works_from_a_checkout():
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
 
 
-def test_info_describes_a_run(small_run, tmp_path):
-    run, data = small_run
+def test_info_describes_a_run(finished_run, tmp_path):
+    run, data = finished_run
     proc = subprocess.run([sys.executable, "-m", "puregpt", "info", run], cwd=tmp_path,
                           env=cli_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

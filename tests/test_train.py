@@ -284,24 +284,6 @@ def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path):
 # --- what a resume may change ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished 6-step run (with evaluations), to be copied by each test."""
-    base = tmp_path_factory.mktemp("base")
-    data = names_file(base, 200)
-    proc = run_cli("train", "--data", data, "--out", base / "run", *TINY_RUN, "--steps", 6,
-                   "--eval-every", 3, "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    return base / "run", data
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    run, data = finished_run
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run", data
-
-
 def test_resume_reports_allowed_changes(run_copy):
     run, _ = run_copy
     proc = run_cli("train", "--resume", run, "--steps", 9, "--lr", 0.02, "--eval-every", 3,
