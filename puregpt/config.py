@@ -177,10 +177,14 @@ PRESETS: dict[str, dict[str, dict]] = {
                       long_docs="truncate", eval_every=0, workers=1, mode="docs",
                       log_every=1, log_format="microgpt"),
     },
-    # The default for `puregpt train`: the microgpt architecture, widened and trained on batches.
+    # The default for `puregpt train`: microgpt's architecture, twice as wide, trained on batches
+    # of 32 names with a cosine schedule. Chosen by measurement (see README, "Is my loss
+    # normal?"): the lowest validation loss on the bundled names reachable in ~2 minutes on two
+    # cores; wider or deeper models were still improving when time ran out.
     "default": {
-        "model": dict(n_layer=1, n_embd=16, n_head=4, block_size=16),
-        "train": dict(steps=1000, batch_size=1, lr=0.01, schedule="linear"),
+        "model": dict(n_layer=1, n_embd=32, n_head=4, block_size=16),
+        "train": dict(steps=1000, batch_size=32, lr=0.01, schedule="cosine", warmup=30,
+                      min_lr_frac=0.1, eval_every=250),
     },
     # The exact GPT-2 block: learned positions, pre-LayerNorm with gain and bias, tanh-GELU,
     # biases, a final LayerNorm, lm_head tied to wte, N(0, 0.02) init with scaled projections.

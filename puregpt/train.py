@@ -126,7 +126,7 @@ class Progress:
         self.live = not quiet and tc.log_format == "full" and self.stream.isatty()
         self.every = tc.log_every or max(1, tc.steps // 20)
         self.t0, self.start_step, self.last_draw = time.perf_counter(), start_step, 0.0
-        self.tokens, self.val, self.best = 0, None, None
+        self.tokens, self.val, self.best, self.novel = 0, None, None, None
 
     def step(self, step: int, loss: float, lr: float, tokens: int, evaluated: bool) -> None:
         self.tokens += tokens
@@ -143,6 +143,8 @@ class Progress:
         done = s - self.start_step
         eta = elapsed / done * (n - s) if done else 0.0
         val = "" if self.val is None else f" | val {self.val:.4f} (best {self.best:.4f})"
+        if self.novel is not None:  # share of sampled documents that are not training copies
+            val += f" | novel {self.novel:.0%}"
         line = (f"step {s:4d} / {n:4d} | loss {loss:.4f}{val} | lr {lr:.2e} | {rate:,.0f} tok/s"
                 f" | {_clock(elapsed)} elapsed | ETA {_clock(eta)}")
         if self.live:
@@ -354,6 +356,7 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
                     if out:
                         save_checkpoint(paths["best"], snapshot(step + 1))
                 progress.val, progress.best = val, best_val
+                progress.novel = row.get("novel_frac")
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()

@@ -20,7 +20,8 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is abse
 
 # A model and a run small enough that a CLI training run takes well under a second.
 TINY_MODEL = ["--n-embd", "8", "--n-head", "2", "--block-size", "8"]
-TINY_RUN = TINY_MODEL + ["--workers", "1", "--samples", "0", "--eval-tokens", "64"]
+TINY_RUN = TINY_MODEL + ["--batch-size", "1", "--schedule", "linear", "--warmup", "0",
+                        "--workers", "1", "--samples", "0", "--eval-tokens", "64"]
 
 
 def cli_env() -> dict:

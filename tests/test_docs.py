@@ -26,7 +26,7 @@ def test_api_examples_run(tmp_path, monkeypatch):
                 raise AssertionError(f"docs/api.md block {i + 1} failed: {e!r}\n{block}") from e
     lines = out.getvalue().splitlines()
     # the outputs the page states in its comments
-    assert lines[0] == "300 16 27"
+    assert lines[0] == "60 32 27"
     assert lines[1] == "40 40"
     assert lines[2].startswith("60 [") and "last.safetensors" in lines[2]
     assert "not in the vocabulary" in out.getvalue()

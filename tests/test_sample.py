@@ -121,11 +121,13 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """The default model trained for 200 steps on the bundled names (docs mode, ~3 s)."""
+    """microgpt's model shape trained for 200 single-name steps on the bundled names (docs
+    mode, ~3 s)."""
     out = str(tmp_path_factory.mktemp("run") / "names")
     subprocess.run([sys.executable, "-m", "puregpt", "train", "--steps", "200", "--out", out,
-                    "--quiet", "--samples", "0"], cwd=ROOT, check=True, capture_output=True,
-                   timeout=120)
+                    "--n-embd", "16", "--batch-size", "1", "--schedule", "linear",
+                    "--warmup", "0", "--quiet", "--samples", "0"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
     return out
 
 
