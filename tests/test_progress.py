@@ -46,7 +46,7 @@ def test_a_terminal_gets_one_live_line(tmp_path):
         assert field in last, last
     # evaluations and the last step end their line, so the history of evaluations stays visible
     kept = [ln for ln in screen.replace("\r\n", "\n").split("\n")
-            if "| val " in ln and "step " in ln]
+            if "| val " in ln and re.search(r"step +\d+ / +40 \|", ln)]
     assert any("step   20 /   40" in ln for ln in kept)
     assert "step   40 /   40" in kept[-1]
     assert "novel " in kept[-1]  # share of sampled names not in the training set
