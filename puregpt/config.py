@@ -60,7 +60,8 @@ def _from_dict(cls, d: dict):
 
 @dataclass
 class GPTConfig:
-    """The model's shape. Dimension names used throughout: B batch, T time, C n_embd, V vocab."""
+    """The model's shape. Dimension names used throughout: B sequences in a batch, T positions
+    of one sequence, N all positions of a batch, C n_embd, V vocab_size, hd head_dim."""
 
     vocab_size: int = 27
     block_size: int = 16  # longest context the model sees; learned positions have this many rows

@@ -6,8 +6,9 @@ op's parameters into the `d`-prefixed buffers it is given.
 
 Tensors are plain Python lists: a matrix is a list of rows. Activations are (N, C) with one row
 per position; N is every position of every sequence in the batch, laid end to end, so all ops but
-attention treat the batch as one long list of rows. Dimension names: N positions, C channels,
-V vocabulary, T sequence length, hd head_dim.
+attention treat the batch as one long list of rows. Dimension names, as in config.py: B
+sequences, T positions of one sequence, N = all positions of a batch (the sum of its T), C
+channels (n_embd), V vocabulary, hd = head_dim = C / n_head.
 """
 
 from __future__ import annotations
