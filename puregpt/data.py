@@ -156,18 +156,17 @@ def load_corpus(path: str | None, tc: TrainConfig, block_size: int, rng, tokeniz
         train_text, val_text = text[:len(text) - n_val], text[len(text) - n_val:]
         corpus_chars = text
     if tokenizer is None:
-        if len(set(corpus_chars) - {"\n"} if mode == "docs" else set(corpus_chars)) < 2:
-            raise DataError(f"{path} uses a single distinct character "
-                            f"({sorted(set(corpus_chars) - {chr(10)})[0]!r}): there is nothing "
-                            f"to learn; a vocabulary needs at least two characters")
+        chars = sorted(set(corpus_chars))  # docs never hold "\n"; a stream's "\n" is a token
+        if len(chars) < 2:
+            raise DataError(f"{path} uses a single distinct character ({chars[0]!r}): there is "
+                            f"nothing to learn; a vocabulary needs at least two characters")
         if make_tokenizer is not None:
             tokenizer = make_tokenizer("\n".join(train_docs) if mode == "docs" else train_text)
         else:
-            tokenizer = CharTokenizer(sorted(set(corpus_chars) - ({"\n"} if mode == "docs"
-                                                                 else set())))
+            tokenizer = CharTokenizer(chars)
     try:
         if mode == "docs":
-            encoded = [(tokenizer.encode_doc(d)) for d in train_docs]
+            encoded = [tokenizer.encode_doc(d) for d in train_docs]
             train_examples = [ex for ids in encoded for ex in doc_examples(ids, block_size,
                                                                            tc.long_docs)]
             val_examples = [ex for d in val_docs
