@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import statistics
 from dataclasses import dataclass
-from importlib import resources
 
 from .config import TrainConfig
 from .tokenizer import CharTokenizer
@@ -34,7 +32,7 @@ class DataError(ValueError):
 
 def bundled_names_path() -> str:
     """The names corpus shipped inside the package (see data/PROVENANCE.md)."""
-    return str(resources.files("puregpt").joinpath("data", "names.txt"))
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "names.txt")
 
 
 def read_text(path: str) -> str:
@@ -68,7 +66,8 @@ def detect_mode(text: str) -> tuple[str, str]:
     if not filled:
         return "docs", "the file is empty"
     blank = (len(lines) - len(filled)) / len(lines)
-    median = statistics.median(len(ln) for ln in filled)
+    lengths = sorted(len(ln) for ln in filled)
+    median = (lengths[(len(lengths) - 1) // 2] + lengths[len(lengths) // 2]) / 2
     if blank > 0.02:
         return "stream", f"{blank:.0%} of lines are blank: continuous text with paragraphs"
     if median > 200:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-from xml.sax.saxutils import escape
 
 CURVES = (("train", "loss", "#1f77b4", 1.3), ("validation", "val_loss", "#e4572e", 2.2))
 FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
@@ -128,7 +127,8 @@ def _c(v: float) -> str:
 
 def _esc(s: str) -> str:
     """XML-escaped text, minus the control characters XML 1.0 forbids even when escaped."""
-    return escape(re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", s))
+    s = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", s)
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _text(x: float, y: float, s: str, **attrs) -> str:

@@ -38,7 +38,7 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of the characters of `text` (no BOS). Unknown characters are named in the error."""
         try:
-            return [self.stoi[ch] for ch in text]
+            return list(map(self.stoi.__getitem__, text))
         except KeyError:
             unknown = sorted(set(text) - set(self.stoi))
             raise ValueError(
@@ -47,7 +47,7 @@ class CharTokenizer:
                 f"(the vocabulary has {len(self.chars)}: {''.join(self.chars)!r})") from None
 
     def encode_doc(self, text: str) -> list[int]:
-        return [self.bos] + self.encode(text) + [self.bos]
+        return [self.bos, *self.encode(text), self.bos]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Characters of `ids`; BOS is dropped."""
