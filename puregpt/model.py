@@ -104,8 +104,30 @@ def position_table(params: dict, config: GPTConfig):
     return None
 
 
+def lm_head_name(config: GPTConfig) -> str:
+    return "wte" if config.tie_embeddings else "lm_head"
+
+
 def lm_head_weight(params: dict, config: GPTConfig):
-    return params["wte"] if config.tie_embeddings else params["lm_head"]
+    return params[lm_head_name(config)]
+
+
+def linear_layers(config: GPTConfig) -> list[str]:
+    """Every linear layer's name, in the order the backward pass reaches them. A layer is named
+    by its weight; Q, K and V, one stacked layer (see _qkv), are named layer{l}.attn_qkv."""
+    names = [lm_head_name(config)]
+    for l in reversed(range(config.n_layer)):
+        p = f"layer{l}."
+        names += [p + "mlp_fc2", p + "mlp_fc1", p + "attn_wo", p + "attn_qkv"]
+    return names
+
+
+def layer_tensors(name: str) -> list[str]:
+    """The parameter names behind a linear layer name (weights; biases are these + "_b")."""
+    if name.endswith("attn_qkv"):
+        p = name[:-len("attn_qkv")]
+        return [p + "attn_wq", p + "attn_wk", p + "attn_wv"]
+    return [name]
 
 
 # --- sub-layers: norm, attention, MLP ----------------------------------------------------------
@@ -165,22 +187,41 @@ def attn_forward(X, params, p, config, lengths, kv=None):
     return Y, (c_qkv, c_heads, co)
 
 
-def attn_backward(dY, cache, grads, p):
+def attn_backward(dY, cache, grads, p, defer=None):
     c_qkv, c_heads, co = cache
-    dout = ops.linear_backward(dY, co, grads[p + "attn_wo"], grads.get(p + "attn_wo_b"))
+    dout = linear_backward(dY, co, grads, p + "attn_wo", defer)
     dQKV, start = [], 0
     for c in c_heads:
         T = len(c[0])
         dq, dk, dv = ops.attention_backward(dout[start:start + T], c)
         dQKV += [q + k + v for q, k, v in zip(dq, dk, dv)]  # (T, 3C), as the stacked layer
         start += T
+    return linear_backward(dQKV, c_qkv, grads, p + "attn_qkv", defer)
+
+
+def linear_param_grads(name, dY, X, grads):
+    """Accumulate into grads the weight (and bias) gradients of the linear layer `name`, given
+    its output gradient dY (N, out) and its input X (N, in)."""
+    if not name.endswith("attn_qkv"):
+        ops.linear_param_grads(dY, X, grads[name], grads.get(name + "_b"))
+        return
+    p, C = name[:-len("attn_qkv")], len(X[0])
     # stacked bias vectors are copies (floats, not rows), so their gradient gets its own buffer
-    C = len(dout[0])
     dbias = None if p + "attn_wq_b" not in grads else [0.0] * (3 * C)
-    dX = ops.linear_backward(dQKV, c_qkv, _qkv(grads, p), dbias)
+    ops.linear_param_grads(dY, X, _qkv(grads, p), dbias)
     if dbias is not None:
-        for i, name in enumerate(("attn_wq_b", "attn_wk_b", "attn_wv_b")):
-            ops.add_into(grads[p + name], dbias[i * C:(i + 1) * C])
+        for i, w in enumerate(layer_tensors(name)):
+            ops.add_into(grads[w + "_b"], dbias[i * C:(i + 1) * C])
+
+
+def linear_backward(dY, cache, grads, name, defer=None):
+    """dX of the linear layer `name` (N, in); its parameter gradients go into grads, or to
+    defer[name](dY, X) when the layer is deferred."""
+    dX = ops.linear_backward(dY, cache, None)
+    if defer is not None and name in defer:
+        defer[name](dY, cache[0])
+    else:
+        linear_param_grads(name, dY, cache[0], grads)
     return dX
 
 
@@ -192,12 +233,12 @@ def mlp_forward(X, params, p, config):
     return Y, (c1, ca, c2)
 
 
-def mlp_backward(dY, cache, grads, p, config):
+def mlp_backward(dY, cache, grads, p, config, defer=None):
     act_backward = ops.ACTIVATIONS[config.activation][1]
     c1, ca, c2 = cache
-    dA = ops.linear_backward(dY, c2, grads[p + "mlp_fc2"], grads.get(p + "mlp_fc2_b"))
+    dA = linear_backward(dY, c2, grads, p + "mlp_fc2", defer)
     dH = act_backward(dA, ca)
-    return ops.linear_backward(dH, c1, grads[p + "mlp_fc1"], grads.get(p + "mlp_fc1_b"))
+    return linear_backward(dH, c1, grads, p + "mlp_fc1", defer)
 
 
 # --- one transformer block ---------------------------------------------------------------------
@@ -221,20 +262,20 @@ def block_forward(x, params, l, config, lengths, kv=None):
     return x, cache
 
 
-def block_backward(dx, cache, grads, l, config):
+def block_backward(dx, cache, grads, l, config, defer=None):
     """A residual x + f(x) passes its gradient to x unchanged and, through f, adds f's."""
     p = f"layer{l}."
     if config.norm_position == "pre":
-        dh = mlp_backward(dx, cache["mlp"], grads, p, config)
+        dh = mlp_backward(dx, cache["mlp"], grads, p, config, defer)
         ops.add_into_rows(dx, norm_backward(dh, cache["mlp_norm"], grads, p + "mlp_norm", config))
-        dh = attn_backward(dx, cache["attn"], grads, p)
+        dh = attn_backward(dx, cache["attn"], grads, p, defer)
         ops.add_into_rows(dx, norm_backward(dh, cache["attn_norm"], grads, p + "attn_norm",
                                             config))
     else:
         dx = norm_backward(dx, cache["mlp_norm"], grads, p + "mlp_norm", config)
-        ops.add_into_rows(dx, mlp_backward(dx, cache["mlp"], grads, p, config))
+        ops.add_into_rows(dx, mlp_backward(dx, cache["mlp"], grads, p, config, defer))
         dx = norm_backward(dx, cache["attn_norm"], grads, p + "attn_norm", config)
-        ops.add_into_rows(dx, attn_backward(dx, cache["attn"], grads, p))
+        ops.add_into_rows(dx, attn_backward(dx, cache["attn"], grads, p, defer))
     return dx
 
 
@@ -272,14 +313,18 @@ def forward(params: dict, config: GPTConfig, inputs: list[list[int]], kv=None, s
     return logits, cache
 
 
-def backward(dlogits, cache, params: dict, grads: dict, config: GPTConfig) -> None:
-    """Accumulate into `grads` (same structure as params) the gradient behind dlogits."""
-    dx = ops.linear_backward(dlogits, cache["lm_head"],
-                             grads["wte"] if config.tie_embeddings else grads["lm_head"])
+def backward(dlogits, cache, params: dict, grads: dict, config: GPTConfig,
+             defer: dict | None = None) -> None:
+    """Accumulate into `grads` (same structure as params) the gradient behind dlogits.
+
+    defer: linear layer name -> f(dY, X) for layers whose parameter gradients are computed
+    elsewhere (parallel.SplitStep): f receives what they need and grads is left alone.
+    """
+    dx = linear_backward(dlogits, cache["lm_head"], grads, lm_head_name(config), defer)
     if config.final_norm:
         dx = norm_backward(dx, cache["final_norm"], grads, "final_norm", config)
     for l in reversed(range(config.n_layer)):
-        dx = block_backward(dx, cache[f"layer{l}"], grads, l, config)
+        dx = block_backward(dx, cache[f"layer{l}"], grads, l, config, defer)
     if config.emb_norm:
         dx = norm_backward(dx, cache["emb_norm"], grads, "emb_norm", config)
     ops.embedding_backward(dx, cache["emb"], grads["wte"], grads.get("wpe"))

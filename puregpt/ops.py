@@ -107,9 +107,17 @@ def linear_forward(X, W, b=None):
 
 
 def linear_backward(dY, cache, dW, db=None):
-    """dX = dY W;  dW += dY^T X;  db += sum over positions of dY."""
+    """dX = dY W, and the parameter gradients (linear_param_grads) unless dW is None: then the
+    caller computes them elsewhere (parallel.SplitStep hands them to another process)."""
     X, W = cache
     dX = matmul(dY, transpose(W))  # (N, in): dX = dY W, W^T's rows are W's columns
+    if dW is not None:
+        linear_param_grads(dY, X, dW, db)
+    return dX
+
+
+def linear_param_grads(dY, X, dW, db=None):
+    """dW += dY^T X;  db += sum over positions of dY."""
     # dW[o][i] = sum_n dY[n][o] X[n][i]: dot products along the position axis (length N) run
     # about 2x faster than N separate outer-product updates of dW.
     dYT, XT = transpose(dY), transpose(X)  # (out, N), (in, N)
@@ -117,7 +125,6 @@ def linear_backward(dY, cache, dW, db=None):
         add_into(dw_row, new)
     if db is not None:
         add_into(db, map(sum, dYT))
-    return dX
 
 
 # --- embedding: X[n] = wte[token_n] (+ positional row) ------------------------------------------
