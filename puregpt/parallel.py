@@ -14,6 +14,7 @@ polling its liveness while waiting: either way the run stops with an error namin
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import traceback
 from array import array
 from multiprocessing import shared_memory
@@ -60,12 +61,17 @@ def _read(view, layout, into: dict | None = None) -> dict:
     return out
 
 
-def _worker_main(config, layout, weights_name, grads_name, conn):
+def _worker_main(config, layout, weights_name, grads_name, conn, parent_pid):
     weights = shared_memory.SharedMemory(name=weights_name)
     grads_mem = shared_memory.SharedMemory(name=grads_name)
     wview, gview = weights.buf.cast("d"), grads_mem.buf.cast("d")
     try:
         while True:
+            # a forked worker holds copies of the pipes' other ends, so the main process's death
+            # does not end recv(): the worker checks that its parent is still there
+            while not conn.poll(POLL_SECONDS):
+                if os.getppid() != parent_pid:
+                    return
             msg = conn.recv()
             if msg[0] == "stop":
                 break
@@ -121,7 +127,8 @@ class WorkerPool:
                 self.grad_mems.append(mem)
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, daemon=True,
-                                   args=(config, self.layout, self.weights.name, mem.name, child))
+                                   args=(config, self.layout, self.weights.name, mem.name, child,
+                                         os.getpid()))
                 proc.start()
                 child.close()
                 self.procs.append(proc)
