@@ -55,7 +55,8 @@ TRAIN_HELP = {
     "val_fraction": "share of the data held out for validation",
     "eval_every": "steps between validation evaluations (0: only at the end)",
     "eval_tokens": "validation positions per evaluation (0: the whole split)",
-    "workers": "processes that split each batch (0: one per core)",
+    "workers": "processes per step (0: one per core): a batch's sequences are split across "
+               "them; with one sequence per step, two split its backward pass and update",
     "log_every": "steps between plain progress lines (0: about 20 per run)",
     "log_format": "full, or microgpt (its exact per-step lines on stdout)",
 }

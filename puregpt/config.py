@@ -130,7 +130,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of documents (or of the text) held out for validation
     eval_every: int = 100  # steps between validation evaluations (0 = only at the end)
     eval_tokens: int = 20000  # validation positions per evaluation (fixed sample)
-    workers: int = 0  # processes splitting each batch; 0 = one per core
+    workers: int = 0  # processes per step (batch split; backward split at batch 1); 0 = per core
     log_every: int = 0  # steps between plain log lines (0 = about 20 lines per run)
     log_format: str = "full"  # full | microgpt (exactly microgpt's "step s / n | loss x" lines)
 
@@ -171,11 +171,11 @@ RESUMABLE_CHANGES = ("steps", "lr", "beta1", "beta2", "eps", "weight_decay", "sc
 # Presets: name -> {"model": GPTConfig overrides, "train": TrainConfig overrides}.
 PRESETS: dict[str, dict[str, dict]] = {
     # Karpathy's microgpt, number for number: one document per step, no validation split,
-    # documents truncated at block_size, linear decay to zero, one process.
+    # documents truncated at block_size, linear decay to zero.
     "microgpt": {
         "model": dict(n_layer=1, n_embd=16, n_head=4, block_size=16),
         "train": dict(steps=1000, batch_size=1, lr=0.01, schedule="linear", val_fraction=0.0,
-                      long_docs="truncate", eval_every=0, workers=1, mode="docs",
+                      long_docs="truncate", eval_every=0, mode="docs",
                       log_every=1, log_format="microgpt"),
     },
     # The default for `puregpt train`: microgpt's architecture, twice as wide, trained on batches

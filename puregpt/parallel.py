@@ -13,13 +13,15 @@ polling its liveness while waiting: either way the run stops with an error namin
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import traceback
 from array import array
+from itertools import chain
 from multiprocessing import shared_memory
 
-from . import model
+from . import model, ops, optim
 
 POLL_SECONDS = 0.5
 
@@ -219,3 +221,284 @@ class WorkerPool:
             mem.close()
             mem.unlink()
         self.weights, self.procs, self.conns, self.grad_mems = None, [], [], []
+
+
+# --- one sequence per step on two cores: the backward pass split between two processes -------
+#
+# With one sequence per step there is no batch to split, but there is still parallel work: once
+# the backward pass has a linear layer's output gradient dY, that layer's weight gradient
+# dW = dY^T X and its Adam update depend on nothing else, while the backward pass goes on with
+# dX = dY W. So the main process runs the forward pass and the dX chain of the backward pass, and
+# posts (dY, X) of the first linear layers the backward pass reaches to a helper process, which
+# owns those layers' weights and Adam moments. The helper computes their gradients while the
+# backward pass goes on, then updates them in the order the next forward pass uses them, and
+# the main process picks each layer's new weights up only when that forward pass reaches it:
+# the helper's updates overlap the main process's own updates and its next forward pass. The
+# main process updates the rest (embeddings, norms, the last layers the backward pass reaches).
+# Both processes run the very same functions on the very same numbers, so a run is
+# bit-identical to a single-process one.
+
+_STEP, _STATE, _STOP = 1.0, 2.0, 3.0  # commands, in header[0]
+SPIN_TRIES = 40_000  # ~5 ms of non-blocking tries (~0.12 us each) before sleeping on a semaphore
+
+
+def helper_layers(config, share: float = 0.75) -> list[str]:
+    """The linear layers the helper takes: the first ones the backward pass reaches, up to about
+    `share` of all linear-layer weights (the main process also runs the forward pass and the dX
+    chain). The tied lm_head stays with the main process: it shares wte's gradient with the
+    embedding lookup."""
+    shapes = model.param_shapes(config)
+    sizes = {name: sum(math.prod(shapes[w]) for w in model.layer_tensors(name))
+             for name in model.linear_layers(config)}
+    total, taken, out = sum(sizes.values()), 0, []
+    for name in model.linear_layers(config):
+        if name == "wte":
+            continue
+        if out and taken + sizes[name] / 2 > share * total:
+            break
+        out.append(name)
+        taken += sizes[name]
+    return out
+
+
+def _layer_tensors(name, params) -> list[str]:
+    """A layer's weights and, when the model has them, biases."""
+    return [w + s for w in model.layer_tensors(name) for s in ("", "_b") if w + s in params]
+
+
+def _wait(sem, alive) -> None:
+    """Acquire sem: spin first (a step is milliseconds; waking a sleeper costs ~20 us), then
+    sleep in short slices, checking that the other process is still there."""
+    for _ in range(SPIN_TRIES):
+        if sem.acquire(False):
+            return
+    while not sem.acquire(timeout=POLL_SECONDS):
+        alive()
+
+
+class _Arriving(dict):
+    """The parameters as the forward pass sees them: looking up a tensor the helper is still
+    updating waits for it (the forward pass reads each tensor just before using it)."""
+
+    def __init__(self, params, split):
+        super().__init__(params)
+        self.split = split
+
+    def __getitem__(self, name):
+        self.split.receive(name)
+        return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        self.split.receive(name)
+        return dict.get(self, name, default)
+
+
+class SplitStep:
+    """The main process's side of a one-sequence training step split across two processes.
+
+    `params` (updated in place) and `opt_state` are the training's own; after step() some
+    tensors may still be on their way from the helper: sync() waits for them."""
+
+    def __init__(self, config, tc, params: dict, opt_state: dict):
+        self.config, self.tc, self.params = config, tc, params
+        self.layers = helper_layers(config)  # in the order the backward pass reaches them
+        self.owner = {w: name for name in self.layers for w in _layer_tensors(name, params)}
+        self.own = [name for name in params if name not in self.owner]
+        self.pending = []  # the helper's layers not yet received, in forward order
+        self.weights_layout, n_weights = _layout({w: params[w] for w in self.owner})
+        self.slots, size = _slots(config, self.layers)
+        self.mems = [shared_memory.SharedMemory(create=True, size=8 * size)
+                     for size in (size, n_weights, 2 * n_weights)]
+        self.views = [m.buf.cast("d") for m in self.mems]
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.work, self.done = ctx.Semaphore(0), ctx.Semaphore(0)
+        parent, child = ctx.Pipe()
+        self.conn = parent
+        self.defer = {name: self._poster(name) for name in self.layers}
+        helper_state = {"step": opt_state["step"],
+                        "m": {w: opt_state["m"][w] for w in self.owner},
+                        "v": {w: opt_state["v"][w] for w in self.owner}}
+        self.proc = ctx.Process(
+            target=_helper_main, daemon=True,
+            args=(config, tc, self.layers, {w: params[w] for w in self.owner}, helper_state,
+                  [m.name for m in self.mems], self.work, self.done, child, os.getpid()))
+        try:
+            self.proc.start()
+        except BaseException:
+            self.close()
+            raise
+        child.close()
+
+    def _alive(self) -> None:
+        if not self.proc.is_alive():
+            self.proc.join(timeout=1)
+            raise WorkerError(f"the helper process (pid {self.proc.pid}) died (exit code "
+                              f"{self.proc.exitcode}); training stopped")
+
+    def _poster(self, name):
+        offset, out_dim, x_offset, in_dim = self.slots[name]
+        view = self.views[0]
+
+        def post(dY, X):
+            view[offset:offset + len(dY) * out_dim] = array("d", chain.from_iterable(dY))
+            view[x_offset:x_offset + len(X) * in_dim] = array("d", chain.from_iterable(X))
+            self.work.release()
+        return post
+
+    def _wait_done(self) -> None:
+        _wait(self.done, self._alive)
+        if self.conn.poll():
+            raise WorkerError(f"the helper process failed:\n{self.conn.recv()[1]}")
+
+    def receive(self, name) -> None:
+        """Wait until tensor `name` holds its updated values (nothing to do for most names)."""
+        layer = self.owner.get(name)
+        while layer in self.pending:  # the helper finishes its layers in self.pending's order
+            self._wait_done()
+            tensors = _layer_tensors(self.pending.pop(0), self.params)
+            _read_into(self.views[1], [e for e in self.weights_layout if e[0] in tensors],
+                       self.params)
+
+    def sync(self) -> None:
+        """Wait for every tensor the helper is still updating."""
+        while self.pending:
+            self.receive(_layer_tensors(self.pending[0], self.params)[0])
+
+    def step(self, params, grads, inputs, targets, lr: float, opt_state) -> tuple[float, int]:
+        """Forward, backward and AdamW update of one sequence; returns (loss, positions). When
+        the loss is not finite, nothing is updated (the caller stops the run)."""
+        assert params is self.params
+        logits, cache = model.forward(_Arriving(params, self), self.config, inputs)
+        loss, lcache = ops.cross_entropy_forward(logits, [y for seq in targets for y in seq])
+        if not math.isfinite(loss):
+            return loss, lcache[2]
+        header = self.views[0]
+        header[0], header[1], header[2] = _STEP, len(logits), lr
+        model.backward(ops.cross_entropy_backward(1.0, lcache), cache, params, grads,
+                       self.config, defer=self.defer)
+        tc = self.tc
+        optim.adamw_step({w: params[w] for w in self.own}, grads, opt_state, lr, tc.beta1,
+                         tc.beta2, tc.eps, tc.weight_decay)
+        self.pending = self.layers[::-1]
+        return loss, lcache[2]
+
+    def pull_optimizer_state(self, opt_state) -> None:
+        """Copy the helper's Adam moments into opt_state (before saving a checkpoint)."""
+        self.sync()
+        self.views[0][0] = _STATE
+        self.work.release()
+        self._wait_done()
+        n = sum(rows * max(cols, 1) for _, _, rows, cols in self.weights_layout)
+        for key, base in (("m", 0), ("v", n)):
+            for name, offset, rows, cols in self.weights_layout:
+                size = rows * max(cols, 1)
+                opt_state[key][name][:] = self.views[2][base + offset:base + offset + size].tolist()
+
+    def close(self) -> None:
+        """Stop the helper and free the shared memory (safe to call twice)."""
+        if not self.mems:
+            return
+        if self.proc.is_alive():
+            self.views[0][0] = _STOP
+            self.work.release()
+            self.proc.join(timeout=5)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join()
+        for view in self.views:
+            view.release()
+        for mem in self.mems:
+            mem.close()
+            mem.unlink()
+        self.mems, self.views = [], []
+
+
+def _read_into(view, layout, params) -> None:
+    """Overwrite params' tensors (in place, row by row) with the flat buffer's values."""
+    for name, offset, rows, cols in layout:
+        flat = view[offset:offset + rows * max(cols, 1)].tolist()
+        t = params[name]
+        if not cols:
+            t[:] = flat
+            continue
+        for r, row in enumerate(t):
+            row[:] = flat[r * cols:(r + 1) * cols]
+
+
+def _helper_main(config, tc, layers, params, state, mem_names, work, done, conn, parent_pid):
+    mems = [shared_memory.SharedMemory(name=name) for name in mem_names]
+    views = [m.buf.cast("d") for m in mems]
+    header, wview, sview = views
+    weights_layout, n_weights = _layout(params)
+    offsets = {name: offset for name, offset, _, _ in weights_layout}
+    slots, grads = _slots(config, layers)[0], model.zeros_like(params)
+    # each layer gets its own optimizer state dict (sharing the moment lists), since adamw_step
+    # counts one step per call and each layer is updated once per step
+    per_layer = {}
+    for name in layers:
+        tensors = _layer_tensors(name, params)
+        per_layer[name] = ({w: params[w] for w in tensors}, {w: grads[w] for w in tensors},
+                           {"step": state["step"], "m": state["m"], "v": state["v"]})
+
+    def parent_alive():
+        if os.getppid() != parent_pid:  # the main process is gone: nobody will ever post
+            raise SystemExit(0)
+
+    try:
+        while True:
+            _wait(work, parent_alive)
+            command = header[0]
+            if command == _STOP:
+                break
+            if command == _STATE:
+                for base, key in ((0, "m"), (n_weights, "v")):
+                    for name, offset, _, _ in weights_layout:
+                        moments = state[key][name]
+                        sview[base + offset:base + offset + len(moments)] = array("d", moments)
+                done.release()
+                continue
+            N, lr = int(header[1]), header[2]
+            for i, name in enumerate(layers):  # gradients, as the backward pass posts them
+                if i:
+                    _wait(work, parent_alive)
+                offset, out_dim, x_offset, in_dim = slots[name]
+                dy = header[offset:offset + N * out_dim].tolist()
+                x = header[x_offset:x_offset + N * in_dim].tolist()
+                optim.zero_grads(per_layer[name][1])
+                model.linear_param_grads(name, _rows(dy, N, out_dim), _rows(x, N, in_dim), grads)
+            for name in reversed(layers):  # updates, in the order the forward pass needs them
+                lp, lg, lstate = per_layer[name]
+                optim.adamw_step(lp, lg, lstate, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)
+                for w, t in lp.items():
+                    flat = list(chain.from_iterable(t)) if isinstance(t[0], list) else t
+                    wview[offsets[w]:offsets[w] + len(flat)] = array("d", flat)
+                done.release()
+    except SystemExit:
+        pass
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            done.release()
+    finally:
+        for view in views:
+            view.release()
+        for mem in mems:
+            mem.close()
+
+
+def _slots(config, layers):
+    """Where each layer's dY (N, out) and X (N, in) go in the first shared block, N <=
+    block_size: {name: (dY offset, out, X offset, in)}, and the block's size. The block starts
+    with a header: command, N, learning rate."""
+    shapes, T, offset, slots = model.param_shapes(config), config.block_size, 3, {}
+    for name in layers:
+        out_dim, in_dim = shapes[model.layer_tensors(name)[0]]
+        out_dim *= len(model.layer_tensors(name))  # Q, K and V stacked
+        slots[name] = (offset, out_dim, offset + T * out_dim, in_dim)
+        offset += T * (out_dim + in_dim)
+    return slots, offset
+
+
+def _rows(flat, n, cols):
+    return [flat[i * cols:(i + 1) * cols] for i in range(n)]

@@ -264,6 +264,8 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
         opt_state, start, best_val = optim.new_state(params), 0, None
 
     def snapshot(step):
+        if split is not None:  # the helper process holds part of the Adam moments
+            split.pull_optimizer_state(opt_state)
         return Checkpoint(config, corpus.tokenizer, params, step, tc, opt_state, rng.getstate(),
                           {"data": corpus.path, "sha256": corpus.sha256, "mode": corpus.mode,
                            "best_val": best_val})
@@ -275,7 +277,7 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             raise KeyboardInterrupt
         stop["signal"] = signum
 
-    lock, metrics_file, workers, handlers = None, None, None, {}
+    lock, metrics_file, workers, split, handlers = None, None, None, None, {}
     progress = Progress(tc, start, quiet, stream, stdout)
     grads = model.zeros_like(params)
     result = TrainResult(params, config, corpus.tokenizer, tc, corpus, start, best_val=best_val)
@@ -303,16 +305,22 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
                     os.unlink(paths["best"])
                 save_checkpoint(paths["last"], snapshot(0))
 
-        n_workers = tc.workers or os.cpu_count() or 1
+        n_workers = tc.workers or available_cpus()
         if n_workers > 1 and tc.batch_size > 1:
             from .parallel import WorkerPool
-            workers = _start_workers(WorkerPool, config, min(n_workers, tc.batch_size))
+            workers = _start_workers(lambda: WorkerPool(config, min(n_workers, tc.batch_size)))
+        elif n_workers > 1 and tc.grad_accum == 1 and tc.grad_clip == 0:
+            # one sequence per step: split its backward pass and update across two processes
+            # (clipping would need every gradient before any update)
+            from .parallel import SplitStep
+            split = _start_workers(lambda: SplitStep(config, tc, params, opt_state))
 
         if not quiet and tc.log_format == "full":
             progress.message(corpus.describe())
             progress.message(f"model: {model.num_params(params):,} parameters | "
                              + ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
-                             + (f" | {workers.n} worker processes" if workers else ""))
+                             + (f" | {workers.n} worker processes" if workers else "")
+                             + (" | 2 processes (backward split)" if split else ""))
             if resume:
                 progress.message(f"resuming {out} at step {start}"
                                  + (": changed " + "; ".join(changes) if changes else ""))
@@ -328,7 +336,10 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             micro = [get_batch(corpus, step, j, tc, config.block_size, rng)
                      for j in range(tc.grad_accum)]
             optim.zero_grads(grads)
-            loss, n_tokens = batch_grads(params, config, micro, grads, workers)
+            if split is not None:  # updates the weights too, unless the loss is not finite
+                loss, n_tokens = split.step(params, grads, *micro[0], lr, opt_state)
+            else:
+                loss, n_tokens = batch_grads(params, config, micro, grads, workers)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss} at step {step + 1}; stopped without updating the "
@@ -336,8 +347,9 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
                                   if out else "") + "; try a lower --lr or --grad-clip 1.0")
             if tc.grad_clip > 0:
                 optim.clip_grads(grads, tc.grad_clip)
-            optim.adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2, tc.eps,
-                             tc.weight_decay)
+            if split is None:
+                optim.adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2, tc.eps,
+                                 tc.weight_decay)
             result.step = step + 1
             result.losses.append(loss)
             row = {"step": step + 1, "loss": loss, "lr": lr, "tokens": n_tokens,
@@ -346,6 +358,9 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             final = step + 1 == tc.steps
             evaluated = bool(corpus.val_examples) and (
                 final or (tc.eval_every and (step + 1) % tc.eval_every == 0))
+            wants_params = final or evaluated or stop["signal"] is not None or callback
+            if split is not None and wants_params:
+                split.sync()  # the helper's last updates, otherwise picked up by the next step
             if evaluated:
                 val = evaluate(params, config, corpus.val_examples, workers)
                 row["val_loss"] = result.last_val = val
@@ -383,8 +398,9 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             metrics_file.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if workers:
-            workers.close()
+        for pool in (workers, split):
+            if pool is not None:
+                pool.close()
         if lock is not None:
             os.close(lock)  # releases the run directory's lock
 
@@ -441,17 +457,25 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _start_workers(pool_class, config, n):
+def available_cpus() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the
+    machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _start_workers(start):
     """Start the worker pool with SIGINT and SIGTERM ignored, a disposition the workers inherit
     (through fork, and through exec with spawn): Ctrl-C on a terminal signals the whole process
     group, and a worker killed by it would fail the step instead of letting the main process
     finish it and save a resumable checkpoint. The workers stop when the main process closes
     the pool or dies (their pipe breaks)."""
     if not _main_thread():
-        return pool_class(config, n)
+        return start()
     saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return pool_class(config, n)
+        return start()
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -1,4 +1,7 @@
-"""Data-parallel training (puregpt.parallel) equals one process, and fails loudly.
+"""Training on several processes (puregpt.parallel) equals one process, and fails loudly.
+
+Data-parallel training (WorkerPool) splits a batch's sequences across processes; SplitStep
+splits one sequence's backward pass and update across two, and is bit-identical.
 
 Splitting a batch across processes changes only the order in which per-position gradient
 contributions are added, so gradients agree to ~1e-16 relative. Adam then divides each gradient
@@ -7,6 +10,7 @@ carry that last-bit difference into the weights magnified by up to lr / eps: tha
 weights are compared after a few steps, where the issue's 1e-12 bound holds with margin.
 """
 
+import multiprocessing as mp
 import os
 import random
 import signal
@@ -14,8 +18,9 @@ import signal
 import pytest
 
 from puregpt import model, optim
+from puregpt.checkpoint import load_checkpoint
 from puregpt.config import GPTConfig, TrainConfig
-from puregpt.parallel import WorkerError, WorkerPool, split_by_tokens
+from puregpt.parallel import SplitStep, WorkerError, WorkerPool, helper_layers, split_by_tokens
 from puregpt.train import train
 
 
@@ -104,3 +109,156 @@ def test_a_worker_that_raises_reports_its_traceback():
             pool.loss_and_grads(params, bad, [[2, 3], [4, 5]], model.zeros_like(params))
     finally:
         pool.close()
+
+
+# --- one sequence per step: the backward pass split across two processes (SplitStep) ----------
+
+SPLIT_CONFIGS = {
+    "microgpt": GPTConfig(vocab_size=11, n_embd=16, n_head=4, block_size=8),
+    # tied lm_head (stays with the main process), biases, LayerNorm with gain and bias, two layers
+    "gpt2-like": GPTConfig(vocab_size=11, n_embd=16, n_head=4, block_size=8, n_layer=2,
+                           norm="layernorm", norm_affine=True, bias=True, final_norm=True,
+                           emb_norm=False, tie_embeddings=True, activation="gelu_tanh"),
+    "post-norm": GPTConfig(vocab_size=11, n_embd=8, n_head=2, block_size=8, n_layer=2,
+                           norm_position="post", pos="sinusoidal", activation="gelu"),
+}
+
+
+def split_run(config, steps, weight_decay=0.0, lr=0.01):
+    """Train `steps` steps of one random sequence each with a SplitStep; returns the losses,
+    the parameters and the optimizer state (the helper's moments pulled back)."""
+    rng = random.Random(3)
+    params = model.init_params(config, random.Random(0))
+    opt_state, grads = optim.new_state(params), model.zeros_like(params)
+    tc = TrainConfig(batch_size=1, lr=lr, weight_decay=weight_decay)
+    split = SplitStep(config, tc, params, opt_state)
+    losses = []
+    try:
+        for step in range(steps):
+            inputs, targets = batch(rng, 1, config.vocab_size, config.block_size)
+            optim.zero_grads(grads)
+            losses.append(split.step(params, grads, inputs, targets, lr, opt_state)[0])
+        split.pull_optimizer_state(opt_state)  # waits for the last updates too
+    finally:
+        split.close()
+    return losses, params, opt_state, split.layers
+
+
+def single_run(config, steps, weight_decay=0.0, lr=0.01):
+    rng = random.Random(3)
+    params = model.init_params(config, random.Random(0))
+    opt_state, grads = optim.new_state(params), model.zeros_like(params)
+    losses = []
+    for step in range(steps):
+        inputs, targets = batch(rng, 1, config.vocab_size, config.block_size)
+        optim.zero_grads(grads)
+        losses.append(model.loss_and_grads(params, config, inputs, targets, grads)[0])
+        optim.adamw_step(params, grads, opt_state, lr, 0.85, 0.99, 1e-8, weight_decay)
+    return losses, params, opt_state
+
+
+@pytest.mark.parametrize("name", SPLIT_CONFIGS)
+def test_split_step_is_bit_identical_to_one_process(name):
+    """Both processes run the same functions on the same numbers: every loss, weight and Adam
+    moment is bitwise equal to the single-process run's."""
+    config = SPLIT_CONFIGS[name]
+    losses, params, state, layers = split_run(config, 12, weight_decay=0.1)
+    ref_losses, ref_params, ref_state = single_run(config, 12, weight_decay=0.1)
+    assert layers and "wte" not in layers  # the helper did take layers
+    assert losses == ref_losses
+    assert params == ref_params
+    assert state == ref_state
+
+
+def test_helper_layers_are_the_first_the_backward_pass_reaches():
+    config = SPLIT_CONFIGS["microgpt"]
+    assert helper_layers(config) == ["lm_head", "layer0.mlp_fc2", "layer0.mlp_fc1",
+                                     "layer0.attn_wo"]
+    assert helper_layers(SPLIT_CONFIGS["gpt2-like"])[0] == "layer1.mlp_fc2"  # tied: not wte
+
+
+def test_the_trainer_splits_one_sequence_steps_and_matches_one_process(tmp_path, monkeypatch):
+    """`train` with workers=2 and batch_size=1 uses SplitStep, and its run (losses, validation,
+    weights, checkpointed optimizer state) is bit-identical to workers=1."""
+    import puregpt.parallel as parallel
+    started = []
+
+    class Spy(parallel.SplitStep):
+        def __init__(self, *args):
+            super().__init__(*args)
+            started.append(self)
+
+    monkeypatch.setattr(parallel, "SplitStep", Spy)
+    text = tmp_path / "names.txt"
+    rng = random.Random(5)
+    text.write_text("\n".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 9)))
+                              for _ in range(300)))
+    runs = {}
+    for workers in (1, 2):
+        tc = TrainConfig(steps=12, batch_size=1, lr=0.01, workers=workers, eval_every=5,
+                         eval_tokens=200, weight_decay=0.1)
+        runs[workers] = train(GPTConfig(n_embd=16, block_size=16), tc, str(text),
+                              str(tmp_path / f"run{workers}"), quiet=True)
+    assert len(started) == 1
+    one, two = runs[1], runs[2]
+    assert one.losses == two.losses and one.last_val == two.last_val
+    assert one.params == two.params
+    a = load_checkpoint(tmp_path / "run1" / "last.safetensors")
+    b = load_checkpoint(tmp_path / "run2" / "last.safetensors")
+    assert a.optimizer == b.optimizer and a.params == b.params
+
+
+@pytest.mark.parametrize("clip,accum", [(1.0, 1), (0.0, 2)])
+def test_clipping_or_accumulation_keeps_one_process(tmp_path, monkeypatch, clip, accum):
+    """Clipping needs every gradient before any update, and accumulation several backward
+    passes per update: neither can update layers as their gradients arrive."""
+    import puregpt.parallel as parallel
+    monkeypatch.setattr(parallel, "SplitStep", None)  # would fail if it were used
+    text = tmp_path / "names.txt"
+    text.write_text("\n".join(["anna", "bob", "carla", "dave"] * 20))
+    tc = TrainConfig(steps=3, batch_size=1, workers=2, grad_clip=clip, grad_accum=accum,
+                     val_fraction=0.0)
+    assert train(GPTConfig(n_embd=8, n_head=2, block_size=8), tc, str(text), quiet=True).step == 3
+
+
+def test_a_helper_that_dies_fails_the_step_with_a_clear_error():
+    config = SPLIT_CONFIGS["microgpt"]
+    params = model.init_params(config, random.Random(0))
+    opt_state, grads = optim.new_state(params), model.zeros_like(params)
+    split = SplitStep(config, TrainConfig(batch_size=1), params, opt_state)
+    inputs, targets = batch(random.Random(1), 1, 11, 8)
+    try:
+        split.step(params, grads, inputs, targets, 0.01, opt_state)
+        split.sync()
+        os.kill(split.proc.pid, signal.SIGKILL)
+        with pytest.raises(WorkerError, match=r"the helper process \(pid \d+\) died \(exit code "
+                                              r"-9\); training stopped"):
+            split.step(params, grads, inputs, targets, 0.01, opt_state)
+            split.sync()
+    finally:
+        split.close()
+    split.close()  # closing twice is harmless
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(),
+                    reason="the failure is planted in the parent and inherited through fork")
+def test_a_helper_that_raises_reports_its_traceback(monkeypatch):
+    config = SPLIT_CONFIGS["microgpt"]
+    real = model.linear_param_grads
+
+    def failing(name, *args):
+        if name == "layer0.mlp_fc1":  # a helper layer: only the helper process calls this
+            raise ArithmeticError("planted failure in the helper")
+        return real(name, *args)
+
+    monkeypatch.setattr(model, "linear_param_grads", failing)
+    params = model.init_params(config, random.Random(0))
+    opt_state, grads = optim.new_state(params), model.zeros_like(params)
+    split = SplitStep(config, TrainConfig(batch_size=1), params, opt_state)
+    inputs, targets = batch(random.Random(1), 1, 11, 8)
+    try:
+        with pytest.raises(WorkerError, match="(?s)helper process failed:.*planted failure"):
+            split.step(params, grads, inputs, targets, 0.01, opt_state)
+            split.sync()
+    finally:
+        split.close()

@@ -80,6 +80,20 @@ def test_resume_is_bit_exact(tmp_path, mode, workers):
         assert all("novel_frac" in r for r in rows if "val_loss" in r)
 
 
+def test_resume_with_the_split_backward_is_bit_exact(tmp_path):
+    """One sequence per step on two processes (the helper holds part of the Adam moments),
+    stopped and resumed, ends bit-identical to a straight single-process run."""
+    data = data_file(tmp_path, "docs")
+    recipe = {**RECIPE, "batch_size": 1, "grad_accum": 1}
+    train(MODEL, TrainConfig(**recipe, workers=1), str(data), str(tmp_path / "straight"),
+          quiet=True)
+    tc = TrainConfig(**recipe, workers=2)
+    train(MODEL, tc, str(data), str(tmp_path / "resumed"), quiet=True,
+          callback=lambda info: info["step"] < 6)
+    train(resume=True, out=str(tmp_path / "resumed"), quiet=True)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
 def test_resume_from_step_zero_and_twice(tmp_path):
     """Stopping after the first step, then again mid-way, still ends where a straight run does."""
     data = data_file(tmp_path, "docs")
@@ -176,15 +190,16 @@ def interrupt_when_logged(args, run: Path, rows: int, group: bool = False,
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group-with-workers"])
-def test_sigint_saves_a_resumable_checkpoint(tmp_path, group):
+@pytest.mark.parametrize("group,batch", [(False, 1), (True, 4), (True, 1)],
+                         ids=["process", "process-group-with-workers", "process-group-with-helper"])
+def test_sigint_saves_a_resumable_checkpoint(tmp_path, group, batch):
     data = names_file(tmp_path, 200)
     run = tmp_path / "run"
     steps = 600  # long enough that the signal always lands mid-run
     args = ["train", "--data", data, "--out", run, *TINY_RUN, "--steps", steps,
             "--eval-every", 50, "--log-every", 1]
     if group:  # the workers get the Ctrl-C too, and must leave the stopping to the trainer
-        args += ["--batch-size", 4, "--workers", 2]
+        args += ["--batch-size", batch, "--workers", 2]
     code, out, err = interrupt_when_logged(args, run, rows=5, group=group)
     assert code == 130, err
     ckpt = load_checkpoint(run / "last.safetensors")
@@ -251,11 +266,12 @@ def worker_pids(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
                     reason="needs Linux's /proc/PID/task/PID/children")
-def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("batch,who", [(4, "worker process 1"), (1, "the helper process")])
+def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path, batch, who):
     data = names_file(tmp_path, 200)
     run = tmp_path / "run"
     args = ["train", "--data", data, "--out", run, *TINY_RUN, "--steps", 600, "--eval-every", 5,
-            "--batch-size", 4, "--workers", 2, "--quiet"]
+            "--batch-size", batch, "--workers", 2, "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "puregpt", *map(str, args)], cwd=REPO,
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -272,13 +288,52 @@ def test_a_dead_worker_stops_the_run_with_a_clear_error(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 1
-    assert err == f"puregpt: error: worker process 1 (pid {worker}) died (exit code -9); " \
+    assert err == f"puregpt: error: {who} (pid {worker}) died (exit code -9); " \
                   f"training stopped\n"
     step = load_checkpoint(run / "last.safetensors").step
     assert step >= 5 and step % 5 == 0
     resumed = run_cli("train", "--resume", run, "--steps", step + 5, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(run / "last.safetensors").step == step + 5
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="needs Linux's /proc/PID/task/PID/children")
+@pytest.mark.parametrize("batch", [4, 1], ids=["workers", "helper"])
+def test_helpers_do_not_outlive_a_killed_trainer(tmp_path, batch):
+    """SIGKILL leaves no cleanup to the trainer: its worker processes notice and exit."""
+    data = names_file(tmp_path, 200)
+    run = tmp_path / "run"
+    args = ["train", "--data", data, "--out", run, *TINY_RUN, "--steps", 100000,
+            "--batch-size", batch, "--workers", 2, "--quiet"]
+    # output to a file: a pipe would stay open as long as a surviving worker holds it
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "puregpt", *map(str, args)], cwd=REPO,
+                                env=cli_env(), stdout=log, stderr=log)
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 60
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.01)
+        (worker,) = worker_pids(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def running(pid):  # an exited process may linger as a zombie until someone reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 15
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(worker), "a worker outlived its trainer"
+    finally:
+        if running(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 # --- what a resume may change ------------------------------------------------------------------
