@@ -41,27 +41,32 @@ def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, 
                eps: float, weight_decay: float = 0.0) -> None:
     """One AdamW update of every parameter, in place."""
     state["step"] += 1
-    t = state["step"]
-    # The update above, with its scalars hoisted out of the loop (as PyTorch arranges it):
-    # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
-    step_size, inv_sqrt_bc2 = lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)
-    c1, c2, sqrt = 1 - beta1, 1 - beta2, math.sqrt
     for name, tensor in params.items():
         rows = _rows(tensor)
         # a whole tensor as one flat list: three long loops run ~25% faster than many short ones
-        p = list(chain.from_iterable(rows))
-        g = list(chain.from_iterable(_rows(grads[name])))
-        m, v = state["m"][name], state["v"][name]
-        if weight_decay and decays(name, tensor):
-            p = [pi * (1 - lr * weight_decay) for pi in p]
-        m[:] = [beta1 * mi + c1 * gi for mi, gi in zip(m, g)]
-        v[:] = [beta2 * vi + c2 * gi * gi for vi, gi in zip(v, g)]
-        p = [pi - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
-             for pi, mi, si in zip(p, m, map(sqrt, v))]
+        p, state["m"][name], state["v"][name] = adamw_update(
+            list(chain.from_iterable(rows)), list(chain.from_iterable(_rows(grads[name]))),
+            state["m"][name], state["v"][name], state["step"], lr, beta1, beta2, eps,
+            weight_decay if decays(name, tensor) else 0.0)
         start = 0
         for row in rows:  # back into the rows, in place
             row[:] = p[start:start + len(row)]
             start += len(row)
+
+
+def adamw_update(p, g, m, v, t: int, lr, beta1, beta2, eps, weight_decay=0.0):
+    """The update above of one tensor at step t, on flat lists: returns the new (p, m, v)."""
+    # with its scalars hoisted out of the loop (as PyTorch arranges it):
+    # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
+    step_size, inv_sqrt_bc2 = lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)
+    c1, c2 = 1 - beta1, 1 - beta2
+    if weight_decay:
+        p = [pi * (1 - lr * weight_decay) for pi in p]
+    m = [beta1 * mi + c1 * gi for mi, gi in zip(m, g)]
+    v = [beta2 * vi + c2 * gi * gi for vi, gi in zip(v, g)]
+    p = [pi - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
+         for pi, mi, si in zip(p, m, map(math.sqrt, v))]
+    return p, m, v
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
