@@ -228,13 +228,15 @@ class WorkerPool:
 # With one sequence per step there is no batch to split, but there is still parallel work: once
 # the backward pass has a linear layer's output gradient dY, that layer's weight gradient
 # dW = dY^T X and its Adam update depend on nothing else, while the backward pass goes on with
-# dX = dY W. So the main process runs the forward pass and the dX chain of the backward pass, and
-# posts (dY, X) of the first linear layers the backward pass reaches to a helper process, which
-# owns those layers' weights and Adam moments. The helper computes their gradients while the
-# backward pass goes on, then updates them in the order the next forward pass uses them, and
-# the main process picks each layer's new weights up only when that forward pass reaches it:
-# the helper's updates overlap the main process's own updates and its next forward pass. The
-# main process updates the rest (embeddings, norms, the last layers the backward pass reaches).
+# dX = dY W. So the main process runs the forward pass and the dX chain of the backward pass,
+# and a helper process owns the linear layers' weights and Adam moments:
+#   * for the first layers the backward pass reaches, the main process posts (dY, X) and the
+#     helper computes the gradients while the backward pass goes on;
+#   * for the last ones (whose gradients would arrive last either way) the main process
+#     computes the gradients itself and posts them.
+# The helper then updates the layers in the order the next forward pass uses them, and the main
+# process picks each layer's new weights up only when that forward pass reaches it, so the
+# helper's updates overlap the main process's own (embeddings, norms) and its next forward pass.
 # Both processes run the very same functions on the very same numbers, so a run is
 # bit-identical to a single-process one.
 
@@ -242,23 +244,21 @@ _STEP, _STATE, _STOP = 1.0, 2.0, 3.0  # commands, in header[0]
 SPIN_TRIES = 40_000  # ~5 ms of non-blocking tries (~0.12 us each) before sleeping on a semaphore
 
 
-def helper_layers(config, share: float = 0.75) -> list[str]:
-    """The linear layers the helper takes: the first ones the backward pass reaches, up to about
-    `share` of all linear-layer weights (the main process also runs the forward pass and the dX
-    chain). The tied lm_head stays with the main process: it shares wte's gradient with the
-    embedding lookup."""
+def helper_layers(config, share: float = 0.75) -> tuple[list[str], set[str]]:
+    """The linear layers the helper updates, in the order the backward pass reaches them, and
+    those of them whose gradients the main process computes and sends: the last ones, beyond
+    about `share` of all linear-layer weights (the main process also runs the forward pass and
+    the dX chain). The tied lm_head stays with the main process: it shares wte's gradient with
+    the embedding lookup."""
     shapes = model.param_shapes(config)
+    layers = [name for name in model.linear_layers(config) if name != "wte"]
     sizes = {name: sum(math.prod(shapes[w]) for w in model.layer_tensors(name))
-             for name in model.linear_layers(config)}
-    total, taken, out = sum(sizes.values()), 0, []
-    for name in model.linear_layers(config):
-        if name == "wte":
-            continue
-        if out and taken + sizes[name] / 2 > share * total:
-            break
-        out.append(name)
-        taken += sizes[name]
-    return out
+             for name in layers}
+    total, taken, n = sum(sizes.values()), 0, 0
+    while n < len(layers) and not (n and taken + sizes[layers[n]] / 2 > share * total):
+        taken += sizes[layers[n]]
+        n += 1
+    return layers, set(layers[n:])
 
 
 def _layer_tensors(name, params) -> list[str]:
@@ -301,12 +301,16 @@ class SplitStep:
 
     def __init__(self, config, tc, params: dict, opt_state: dict):
         self.config, self.tc, self.params = config, tc, params
-        self.layers = helper_layers(config)  # in the order the backward pass reaches them
+        # the helper's layers, in the order the backward pass reaches them, and those of them
+        # whose gradients the main process computes and sends
+        self.layers, self.sent = helper_layers(config)
         self.owner = {w: name for name in self.layers for w in _layer_tensors(name, params)}
         self.own = [name for name in params if name not in self.owner]
         self.pending = []  # the helper's layers not yet received, in forward order
         self.weights_layout, n_weights = _layout({w: params[w] for w in self.owner})
-        self.slots, size = _slots(config, self.layers)
+        self.arrivals = {name: [e for e in self.weights_layout if self.owner[e[0]] == name]
+                         for name in self.layers}  # where each layer's new weights lie
+        self.slots, size = _slots(config, self.layers, self.sent)
         self.mems = [shared_memory.SharedMemory(create=True, size=8 * size)
                      for size in (size, n_weights, 2 * n_weights)]
         self.views = [m.buf.cast("d") for m in self.mems]
@@ -315,12 +319,14 @@ class SplitStep:
         parent, child = ctx.Pipe()
         self.conn = parent
         self.defer = {name: self._poster(name) for name in self.layers}
+        self.grads = None  # the step's gradient buffers (the main process's layers go there)
         helper_state = {"step": opt_state["step"],
                         "m": {w: opt_state["m"][w] for w in self.owner},
                         "v": {w: opt_state["v"][w] for w in self.owner}}
         self.proc = ctx.Process(
             target=_helper_main, daemon=True,
-            args=(config, tc, self.layers, {w: params[w] for w in self.owner}, helper_state,
+            args=(config, tc, self.layers, self.sent, {w: params[w] for w in self.owner},
+                  helper_state,
                   [m.name for m in self.mems], self.work, self.done, child, os.getpid()))
         try:
             self.proc.start()
@@ -336,10 +342,22 @@ class SplitStep:
                               f"{self.proc.exitcode}); training stopped")
 
     def _poster(self, name):
-        offset, out_dim, x_offset, in_dim = self.slots[name]
+        """defer[name] for model.backward: sends the helper what it needs to update the layer."""
         view = self.views[0]
+        if name in self.sent:
+            offset, size = self.slots[name]
+            tensors = _layer_tensors(name, self.params)
 
-        def post(dY, X):
+            def post(dY, X):  # the gradients, computed here
+                model.linear_param_grads(name, dY, X, self.grads)
+                view[offset:offset + size] = array("d", chain.from_iterable(
+                    chain.from_iterable(self.grads[w]) if isinstance(self.grads[w][0], list)
+                    else self.grads[w] for w in tensors))
+                self.work.release()
+            return post
+        offset, out_dim, x_offset, in_dim = self.slots[name]
+
+        def post(dY, X):  # what the helper computes the gradients from
             view[offset:offset + len(dY) * out_dim] = array("d", chain.from_iterable(dY))
             view[x_offset:x_offset + len(X) * in_dim] = array("d", chain.from_iterable(X))
             self.work.release()
@@ -355,9 +373,7 @@ class SplitStep:
         layer = self.owner.get(name)
         while layer in self.pending:  # the helper finishes its layers in self.pending's order
             self._wait_done()
-            tensors = _layer_tensors(self.pending.pop(0), self.params)
-            _read_into(self.views[1], [e for e in self.weights_layout if e[0] in tensors],
-                       self.params)
+            _read_into(self.views[1], self.arrivals[self.pending.pop(0)], self.params)
 
     def sync(self) -> None:
         """Wait for every tensor the helper is still updating."""
@@ -374,6 +390,7 @@ class SplitStep:
             return loss, lcache[2]
         header = self.views[0]
         header[0], header[1], header[2] = _STEP, len(logits), lr
+        self.grads = grads
         model.backward(ops.cross_entropy_backward(1.0, lcache), cache, params, grads,
                        self.config, defer=self.defer)
         tc = self.tc
@@ -425,20 +442,20 @@ def _read_into(view, layout, params) -> None:
             row[:] = flat[r * cols:(r + 1) * cols]
 
 
-def _helper_main(config, tc, layers, params, state, mem_names, work, done, conn, parent_pid):
+def _helper_main(config, tc, layers, sent, params, state, mem_names, work, done, conn,
+                 parent_pid):
     mems = [shared_memory.SharedMemory(name=name) for name in mem_names]
     views = [m.buf.cast("d") for m in mems]
     header, wview, sview = views
     weights_layout, n_weights = _layout(params)
     offsets = {name: offset for name, offset, _, _ in weights_layout}
-    slots, grads = _slots(config, layers)[0], model.zeros_like(params)
-    # each layer gets its own optimizer state dict (sharing the moment lists), since adamw_step
-    # counts one step per call and each layer is updated once per step
-    per_layer = {}
-    for name in layers:
-        tensors = _layer_tensors(name, params)
-        per_layer[name] = ({w: params[w] for w in tensors}, {w: grads[w] for w in tensors},
-                           {"step": state["step"], "m": state["m"], "v": state["v"]})
+    slots, grads = _slots(config, layers, sent)[0], model.zeros_like(params)
+    tensors = {name: _layer_tensors(name, params) for name in layers}
+    # the helper keeps its tensors as flat lists: that is what Adam and the shared block want
+    flat = {w: list(chain.from_iterable(t)) if isinstance(t[0], list) else list(t)
+            for w, t in params.items()}
+    decay = {w: tc.weight_decay if optim.decays(w, t) else 0.0 for w, t in params.items()}
+    m, v, t = state["m"], state["v"], state["step"]
 
     def parent_alive():
         if os.getppid() != parent_pid:  # the main process is gone: nobody will ever post
@@ -451,27 +468,37 @@ def _helper_main(config, tc, layers, params, state, mem_names, work, done, conn,
             if command == _STOP:
                 break
             if command == _STATE:
-                for base, key in ((0, "m"), (n_weights, "v")):
-                    for name, offset, _, _ in weights_layout:
-                        moments = state[key][name]
-                        sview[base + offset:base + offset + len(moments)] = array("d", moments)
+                for base, moments in ((0, m), (n_weights, v)):
+                    for w, offset in offsets.items():
+                        sview[base + offset:base + offset + len(moments[w])] = array("d",
+                                                                                    moments[w])
                 done.release()
                 continue
             N, lr = int(header[1]), header[2]
+            t += 1
+            g = {}  # each tensor's gradient, flat
             for i, name in enumerate(layers):  # gradients, as the backward pass posts them
                 if i:
                     _wait(work, parent_alive)
+                if name in sent:  # computed by the main process: its tensors' flat lists
+                    offset = slots[name][0]
+                    for w in tensors[name]:
+                        g[w] = header[offset:offset + len(flat[w])].tolist()
+                        offset += len(flat[w])
+                    continue
                 offset, out_dim, x_offset, in_dim = slots[name]
                 dy = header[offset:offset + N * out_dim].tolist()
                 x = header[x_offset:x_offset + N * in_dim].tolist()
-                optim.zero_grads(per_layer[name][1])
+                optim.zero_grads({w: grads[w] for w in tensors[name]})
                 model.linear_param_grads(name, _rows(dy, N, out_dim), _rows(x, N, in_dim), grads)
+                for w in tensors[name]:
+                    g[w] = list(chain.from_iterable(grads[w])) if isinstance(grads[w][0], list) \
+                        else grads[w]
             for name in reversed(layers):  # updates, in the order the forward pass needs them
-                lp, lg, lstate = per_layer[name]
-                optim.adamw_step(lp, lg, lstate, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)
-                for w, t in lp.items():
-                    flat = list(chain.from_iterable(t)) if isinstance(t[0], list) else t
-                    wview[offsets[w]:offsets[w] + len(flat)] = array("d", flat)
+                for w in tensors[name]:
+                    flat[w], m[w], v[w] = optim.adamw_update(flat[w], g[w], m[w], v[w], t, lr,
+                                                             tc.beta1, tc.beta2, tc.eps, decay[w])
+                    wview[offsets[w]:offsets[w] + len(flat[w])] = array("d", flat[w])
                 done.release()
     except SystemExit:
         pass
@@ -487,12 +514,18 @@ def _helper_main(config, tc, layers, params, state, mem_names, work, done, conn,
             mem.close()
 
 
-def _slots(config, layers):
-    """Where each layer's dY (N, out) and X (N, in) go in the first shared block, N <=
-    block_size: {name: (dY offset, out, X offset, in)}, and the block's size. The block starts
-    with a header: command, N, learning rate."""
+def _slots(config, layers, sent):
+    """Where the main process posts each layer's data in the first shared block: for a layer
+    whose gradients the helper computes, dY (N, out) and X (N, in), N <= block_size, as
+    (dY offset, out, X offset, in); for the others their gradients, as (offset, size). Returns
+    {name: slot} and the block's size. The block starts with a header: command, N, lr."""
     shapes, T, offset, slots = model.param_shapes(config), config.block_size, 3, {}
     for name in layers:
+        if name in sent:
+            size = sum(math.prod(shapes[w]) for w in _layer_tensors(name, shapes))
+            slots[name] = (offset, size)
+            offset += size
+            continue
         out_dim, in_dim = shapes[model.layer_tensors(name)[0]]
         out_dim *= len(model.layer_tensors(name))  # Q, K and V stacked
         slots[name] = (offset, out_dim, offset + T * out_dim, in_dim)

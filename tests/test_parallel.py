@@ -141,7 +141,7 @@ def split_run(config, steps, weight_decay=0.0, lr=0.01):
         split.pull_optimizer_state(opt_state)  # waits for the last updates too
     finally:
         split.close()
-    return losses, params, opt_state, split.layers
+    return losses, params, opt_state, [n for n in split.layers if n not in split.sent]
 
 
 def single_run(config, steps, weight_decay=0.0, lr=0.01):
@@ -170,11 +170,12 @@ def test_split_step_is_bit_identical_to_one_process(name):
     assert state == ref_state
 
 
-def test_helper_layers_are_the_first_the_backward_pass_reaches():
-    config = SPLIT_CONFIGS["microgpt"]
-    assert helper_layers(config) == ["lm_head", "layer0.mlp_fc2", "layer0.mlp_fc1",
-                                     "layer0.attn_wo"]
-    assert helper_layers(SPLIT_CONFIGS["gpt2-like"])[0] == "layer1.mlp_fc2"  # tied: not wte
+def test_the_helper_computes_the_first_layers_gradients_and_updates_every_linear_layer():
+    assert helper_layers(SPLIT_CONFIGS["microgpt"]) == (
+        ["lm_head", "layer0.mlp_fc2", "layer0.mlp_fc1", "layer0.attn_wo", "layer0.attn_qkv"],
+        {"layer0.attn_qkv"})
+    layers, sent = helper_layers(SPLIT_CONFIGS["gpt2-like"])  # tied: wte is not a helper's
+    assert layers[0] == "layer1.mlp_fc2" and "layer0.attn_qkv" in sent and "wte" not in layers
 
 
 def test_the_trainer_splits_one_sequence_steps_and_matches_one_process(tmp_path, monkeypatch):
