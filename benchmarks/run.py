@@ -45,6 +45,7 @@ from puregpt.config import GPTConfig, TrainConfig, preset  # noqa: E402
 from puregpt.data import bundled_names_path, get_batch, load_corpus  # noqa: E402
 from puregpt.sample import generate  # noqa: E402
 from puregpt.tokenizer import CharTokenizer  # noqa: E402
+from puregpt.train import available_cpus  # noqa: E402
 
 import scalar_baseline  # noqa: E402
 
@@ -202,6 +203,30 @@ def puregpt_tiny(docs: list[str], steps: int, seed: int = 42) -> dict:
     return {"losses": losses, "tokens": tokens, "times": times, "params": model.num_params(params)}
 
 
+def puregpt_tiny_split(docs: list[str], steps: int, seed: int = 42) -> dict:
+    """The same steps with the backward pass split across two processes (parallel.SplitStep,
+    what `puregpt train` does with one sequence per step on two cores): losses and the wall
+    time of the whole loop (steps overlap, so there is no per-step time)."""
+    from puregpt.parallel import SplitStep
+    cfg, tc, params, examples = microgpt_setup(docs, steps, seed)
+    state, grads = optim.new_state(params), model.zeros_like(params)
+    split = SplitStep(cfg, tc, params, state)
+    losses, tokens = [], 0
+    try:
+        t0 = time.perf_counter()
+        for step in range(steps):
+            inputs, targets = examples[step % len(examples)]
+            optim.zero_grads(grads)
+            loss, n = split.step(params, grads, inputs, targets, optim.lr_at(step, tc), state)
+            losses.append(loss)
+            tokens += n
+        split.sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        split.close()
+    return {"losses": losses, "tokens": tokens, "seconds": seconds}
+
+
 def bench_train_tiny(sz: dict, args) -> dict:
     data = names_path()
     docs = scalar_baseline.load_docs(data)
@@ -209,11 +234,15 @@ def bench_train_tiny(sz: dict, args) -> dict:
     use_torch = have_torch() and not args.no_torch
     if use_torch:
         import torch_microgpt
-    runs = {"puregpt": [], "baseline": [], "torch": []}
+    runs = {"puregpt": [], "split": [], "baseline": [], "torch": []}
+    two_cores = available_cpus() >= 2
 
     def run_puregpt():
         say(f"  puregpt: {N} steps")
         runs["puregpt"].append(puregpt_tiny(docs, N))
+        if two_cores:
+            say(f"  puregpt, backward split across two processes: {N} steps")
+            runs["split"].append(puregpt_tiny_split(docs, N))
 
     # P B T P B T ... P: every contender sees the machine in the same phases; best repeat kept.
     for r in range(sz["tiny_rounds"]):
@@ -230,8 +259,8 @@ def bench_train_tiny(sz: dict, args) -> dict:
         run_puregpt()
 
     ref = runs["puregpt"][0]["losses"]
-    for other in runs["puregpt"][1:]:
-        assert other["losses"] == ref, "puregpt is not deterministic"
+    for other in runs["puregpt"][1:] + runs["split"]:
+        assert other["losses"] == ref, "puregpt is not deterministic (or the split step differs)"
     base_diff = max(max_abs_diff(b["losses"], ref[:K]) for b in runs["baseline"])
     assert base_diff < LOSS_TOL, f"scalar baseline losses differ from puregpt's by {base_diff}"
     # the benchmark's loop must be the trainer's: `puregpt train --preset microgpt` on this data
@@ -267,6 +296,11 @@ def bench_train_tiny(sz: dict, args) -> dict:
                      "tokens": runs["baseline"][0]["tokens"],
                      "max_loss_diff_vs_puregpt": base_diff},
         "ratio_vs_baseline": pg_rate_k / max(base_rates),
+        "split": ({"tokens_per_s": max(r["tokens"] / r["seconds"] for r in runs["split"]),
+                   "tokens_per_s_all_repeats": [r["tokens"] / r["seconds"]
+                                                for r in runs["split"]],
+                   "same_losses_as_one_process": True}
+                  if runs["split"] else {"skipped": "fewer than two cores"}),
         "trainer_loop_max_loss_diff": trainer_diff,
         "target_ratio_vs_baseline": 50.0,
     }
@@ -277,6 +311,8 @@ def bench_train_tiny(sz: dict, args) -> dict:
         out["torch"] = {"tokens_per_s": max(t_rates), "tokens_per_s_all_repeats": t_rates,
                         "threads": 1, "dtype": "float64", "max_loss_diff_vs_puregpt": t_diff}
         out["ratio_vs_torch"] = pg_rate / max(t_rates)
+        if runs["split"]:
+            out["split"]["ratio_vs_torch"] = out["split"]["tokens_per_s"] / max(t_rates)
     else:
         out["torch"] = {"skipped": "torch not installed" if not have_torch() else "--no-torch"}
         out["ratio_vs_torch"] = None
@@ -287,11 +323,18 @@ def bench_train_tiny(sz: dict, args) -> dict:
 
 def table_train_tiny(r: dict) -> str:
     rows = [
-        ["puregpt engine", fmt(r["puregpt"]["tokens_per_s"]), r["steps"], "1", "reference"],
+        ["puregpt engine, one process", fmt(r["puregpt"]["tokens_per_s"]), r["steps"], "1",
+         "reference"],
         ["scalar autograd (benchmarks/scalar_baseline.py)", fmt(r["baseline"]["tokens_per_s"]),
          r["baseline_steps"], fmt(r["ratio_vs_baseline"]) + "x",
          f"{r['baseline']['max_loss_diff_vs_puregpt']:.1e}"],
     ]
+    split = r.get("split", {})
+    if "tokens_per_s" in split:
+        rows.insert(1, ["puregpt engine, backward split across 2 processes",
+                        fmt(split["tokens_per_s"]), r["steps"],
+                        fmt(split["tokens_per_s"] / r["puregpt"]["tokens_per_s"]) + "x faster",
+                        "0 (bit-identical)"])
     if "skipped" in r["torch"]:
         rows.append(["PyTorch eager float64, 1 thread", "skipped: " + r["torch"]["skipped"],
                      "-", "-", "-"])
@@ -322,16 +365,18 @@ def bench_race(sz: dict, args) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     use_torch = have_torch() and not args.no_torch
-    walls = {"puregpt": [], "torch": []}
+    walls = {"puregpt": [], "torch1": [], "torch2": []}
     outputs = {}
     with tempfile.TemporaryDirectory(prefix="puregpt-race-") as tmp:
         for r in range(sz["race_rounds"]):
             cmds = {"puregpt": [sys.executable, "-m", "puregpt", "train", "--preset", "microgpt",
                                 "--steps", str(N), "--data", data,
                                 "--out", os.path.join(tmp, f"run{r}")]}
-            if use_torch:
-                cmds["torch"] = [sys.executable, str(BENCH_DIR / "torch_microgpt.py"),
-                                 "--steps", str(N), "--samples", "20", "--data", data]
+            if use_torch:  # puregpt uses both cores: so may PyTorch (it is no faster with them)
+                for threads in (1, 2):
+                    cmds[f"torch{threads}"] = [sys.executable, str(BENCH_DIR / "torch_microgpt.py"),
+                                               "--steps", str(N), "--samples", "20", "--data",
+                                               data, "--threads", str(threads)]
             order = list(cmds) if r % 2 == 0 else list(cmds)[::-1]
             for name in order:
                 say(f"  race: {name} ({N} steps + 20 samples, fresh process)")
@@ -349,18 +394,26 @@ def bench_race(sz: dict, args) -> dict:
            "commands": {
                "puregpt": f"python -m puregpt train --preset microgpt --steps {N} --data "
                           f"names.txt --out TMP",
-               "torch": f"python benchmarks/torch_microgpt.py --steps {N} --samples 20"},
+               "torch": f"python benchmarks/torch_microgpt.py --steps {N} --samples 20 "
+                        f"--threads 1|2"},
            "puregpt_seconds": min(walls["puregpt"]), "puregpt_seconds_all": walls["puregpt"],
            "target": "puregpt faster than PyTorch eager (torch/puregpt > 1)"}
     if use_torch:
-        t_samples = SAMPLE_LINE.findall(outputs["torch"])
-        assert len(t_samples) == 20, f"torch printed {len(t_samples)} samples, not 20"
+        for name in ("torch1", "torch2"):
+            t_samples = SAMPLE_LINE.findall(outputs[name])
+            assert len(t_samples) == 20, f"{name} printed {len(t_samples)} samples, not 20"
+        torch_best = min(walls["torch1"] + walls["torch2"])
         out.update({
-            "torch_seconds": min(walls["torch"]), "torch_seconds_all": walls["torch"],
-            "torch_over_puregpt": min(walls["torch"]) / min(walls["puregpt"]),
-            "same_printed_losses": STEP_LINE.findall(outputs["puregpt"])
-            == STEP_LINE.findall(outputs["torch"]),
-            "same_samples": pg_samples == t_samples,
+            "torch_seconds": torch_best,
+            "torch_seconds_1_thread": min(walls["torch1"]),
+            "torch_seconds_2_threads": min(walls["torch2"]),
+            "torch_seconds_all": {"1 thread": walls["torch1"], "2 threads": walls["torch2"]},
+            "torch_over_puregpt": torch_best / min(walls["puregpt"]),
+            "same_printed_losses": all(STEP_LINE.findall(outputs["puregpt"])
+                                       == STEP_LINE.findall(outputs[name])
+                                       for name in ("torch1", "torch2")),
+            "same_samples": all(pg_samples == SAMPLE_LINE.findall(outputs[name])
+                                for name in ("torch1", "torch2")),
         })
     else:
         out.update({"torch_seconds": None, "torch_over_puregpt": None,
@@ -375,10 +428,12 @@ def table_race(r: dict) -> str:
                 ["PyTorch eager (torch_microgpt.py)", "skipped: " + r["skipped"], "-"]]
         return f"### race: {r['steps']} steps + 20 samples, fresh process\n\n" + md_table(
             ["run", "wall s (best)", "torch / puregpt"], rows)
-    rows = [["puregpt (python -m puregpt train --preset microgpt)", fmt(r["puregpt_seconds"]),
-             "1"],
-            ["PyTorch eager (benchmarks/torch_microgpt.py, incl. import torch)",
-             fmt(r["torch_seconds"]), fmt(r["torch_over_puregpt"]) + "x"]]
+    pg = r["puregpt_seconds"]
+    rows = [["puregpt (python -m puregpt train --preset microgpt; 2 processes)", fmt(pg), "1"],
+            ["PyTorch eager, 1 thread (benchmarks/torch_microgpt.py, incl. import torch)",
+             fmt(r["torch_seconds_1_thread"]), fmt(r["torch_seconds_1_thread"] / pg) + "x"],
+            ["PyTorch eager, 2 threads", fmt(r["torch_seconds_2_threads"]),
+             fmt(r["torch_seconds_2_threads"] / pg) + "x"]]
     return (f"### race: {r['steps']} steps + 20 samples, fresh process\n\n"
             + md_table(["run", "wall s (best)", "torch / puregpt"], rows)
             + f"\n\nSame printed losses: {fmt(r['same_printed_losses'])}; same 20 samples: "
@@ -741,6 +796,12 @@ def summary_rows(results: dict) -> list:
         rows.append(["train-tiny", "puregpt / PyTorch eager (tokens/s)",
                      "skipped" if t["ratio_vs_torch"] is None else fmt(t["ratio_vs_torch"]) + "x",
                      "-", "-"])
+        split = t.get("split", {})
+        if "tokens_per_s" in split:
+            rows.append(["train-tiny", "backward split across 2 processes / 1 process "
+                                       "(bit-identical losses)",
+                         fmt(split["tokens_per_s"] / t["puregpt"]["tokens_per_s"]) + "x", "-",
+                         "-"])
     race = results.get("race") or (t or {}).get("race")
     if race:
         if race.get("torch_seconds") is None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from puregpt.train import available_cpus
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "run.py"
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -38,7 +40,10 @@ def check_race(race: dict, torch_expected: bool) -> None:
     assert race["samples"] == 20 and race["steps"] > 0
     assert positive(race["puregpt_seconds"])
     if torch_expected:
-        assert positive(race["torch_seconds"], race["torch_over_puregpt"])
+        assert positive(race["torch_seconds"], race["torch_over_puregpt"],
+                        race["torch_seconds_1_thread"], race["torch_seconds_2_threads"])
+        assert race["torch_seconds"] == min(race["torch_seconds_1_thread"],
+                                            race["torch_seconds_2_threads"])
         assert isinstance(race["same_printed_losses"], bool)
         assert isinstance(race["same_samples"], bool)
     else:
@@ -53,6 +58,10 @@ def test_train_tiny_with_race(tmp_path):
     assert r["baseline"]["max_loss_diff_vs_puregpt"] < 1e-9
     assert r["trainer_loop_max_loss_diff"] < 1e-12
     assert r["target_ratio_vs_baseline"] == 50.0
+    if available_cpus() >= 2:  # the split step ran, and its losses equal one process's
+        assert positive(r["split"]["tokens_per_s"]) and r["split"]["same_losses_as_one_process"]
+    else:
+        assert r["split"] == {"skipped": "fewer than two cores"}
     if HAVE_TORCH:
         assert positive(r["torch"]["tokens_per_s"], r["ratio_vs_torch"])
         assert r["torch"]["max_loss_diff_vs_puregpt"] < 1e-9
