@@ -480,6 +480,8 @@ def _helper_main(config, tc, layers, sent, params, state, mem_names, work, done,
             for i, name in enumerate(layers):  # gradients, as the backward pass posts them
                 if i:
                     _wait(work, parent_alive)
+                    if header[0] == _STOP:  # the main process stopped mid-step (Ctrl-C twice)
+                        return
                 if name in sent:  # computed by the main process: its tensors' flat lists
                     offset = slots[name][0]
                     for w in tensors[name]:

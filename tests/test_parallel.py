@@ -263,3 +263,28 @@ def test_a_helper_that_raises_reports_its_traceback(monkeypatch):
             split.sync()
     finally:
         split.close()
+
+
+def test_a_step_interrupted_midway_still_closes_promptly():
+    """A second Ctrl-C can land between two posts of a step: the helper, waiting for the rest of
+    the step, must notice the stop instead of making close() wait for its timeout."""
+    import time
+
+    config = SPLIT_CONFIGS["microgpt"]
+    params = model.init_params(config, random.Random(0))
+    opt_state, grads = optim.new_state(params), model.zeros_like(params)
+    split = SplitStep(config, TrainConfig(batch_size=1), params, opt_state)
+
+    def interrupted(dY, X):
+        raise KeyboardInterrupt
+
+    split.defer[split.layers[1]] = interrupted  # the first layer is posted, the second is not
+    inputs, targets = batch(random.Random(1), 1, 11, 8)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            split.step(params, grads, inputs, targets, 0.01, opt_state)
+    finally:
+        time.sleep(0.3)  # the helper has taken the first post and waits for the second
+        t0 = time.monotonic()
+        split.close()
+    assert time.monotonic() - t0 < 2.0 and split.proc.exitcode == 0
