@@ -307,12 +307,12 @@ class SplitStep:
         self.owner = {w: name for name in self.layers for w in _layer_tensors(name, params)}
         self.own = [name for name in params if name not in self.owner]
         self.pending = []  # the helper's layers not yet received, in forward order
-        self.weights_layout, n_weights = _layout({w: params[w] for w in self.owner})
+        self.weights_layout, self.n_weights = _layout({w: params[w] for w in self.owner})
         self.arrivals = {name: [e for e in self.weights_layout if self.owner[e[0]] == name]
                          for name in self.layers}  # where each layer's new weights lie
         self.slots, size = _slots(config, self.layers, self.sent)
         self.mems = [shared_memory.SharedMemory(create=True, size=8 * size)
-                     for size in (size, n_weights, 2 * n_weights)]
+                     for size in (size, self.n_weights, 2 * self.n_weights)]
         self.views = [m.buf.cast("d") for m in self.mems]
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.work, self.done = ctx.Semaphore(0), ctx.Semaphore(0)
@@ -350,9 +350,8 @@ class SplitStep:
 
             def post(dY, X):  # the gradients, computed here
                 model.linear_param_grads(name, dY, X, self.grads)
-                view[offset:offset + size] = array("d", chain.from_iterable(
-                    chain.from_iterable(self.grads[w]) if isinstance(self.grads[w][0], list)
-                    else self.grads[w] for w in tensors))
+                view[offset:offset + size] = array(
+                    "d", chain.from_iterable(_flat(self.grads[w]) for w in tensors))
                 self.work.release()
             return post
         offset, out_dim, x_offset, in_dim = self.slots[name]
@@ -368,17 +367,21 @@ class SplitStep:
         if self.conn.poll():
             raise WorkerError(f"the helper process failed:\n{self.conn.recv()[1]}")
 
+    def _receive_next(self) -> None:
+        """Wait for the next layer the helper finishes (in self.pending's order); take it."""
+        self._wait_done()
+        _read_into(self.views[1], self.arrivals[self.pending.pop(0)], self.params)
+
     def receive(self, name) -> None:
         """Wait until tensor `name` holds its updated values (nothing to do for most names)."""
         layer = self.owner.get(name)
-        while layer in self.pending:  # the helper finishes its layers in self.pending's order
-            self._wait_done()
-            _read_into(self.views[1], self.arrivals[self.pending.pop(0)], self.params)
+        while layer in self.pending:
+            self._receive_next()
 
     def sync(self) -> None:
         """Wait for every tensor the helper is still updating."""
         while self.pending:
-            self.receive(_layer_tensors(self.pending[0], self.params)[0])
+            self._receive_next()
 
     def step(self, params, grads, inputs, targets, lr: float, opt_state) -> tuple[float, int]:
         """Forward, backward and AdamW update of one sequence; returns (loss, positions). When
@@ -405,8 +408,7 @@ class SplitStep:
         self.views[0][0] = _STATE
         self.work.release()
         self._wait_done()
-        n = sum(rows * max(cols, 1) for _, _, rows, cols in self.weights_layout)
-        for key, base in (("m", 0), ("v", n)):
+        for key, base in (("m", 0), ("v", self.n_weights)):
             for name, offset, rows, cols in self.weights_layout:
                 size = rows * max(cols, 1)
                 opt_state[key][name][:] = self.views[2][base + offset:base + offset + size].tolist()
@@ -452,8 +454,7 @@ def _helper_main(config, tc, layers, sent, params, state, mem_names, work, done,
     slots, grads = _slots(config, layers, sent)[0], model.zeros_like(params)
     tensors = {name: _layer_tensors(name, params) for name in layers}
     # the helper keeps its tensors as flat lists: that is what Adam and the shared block want
-    flat = {w: list(chain.from_iterable(t)) if isinstance(t[0], list) else list(t)
-            for w, t in params.items()}
+    flat = {w: list(_flat(t)) for w, t in params.items()}
     decay = {w: tc.weight_decay if optim.decays(w, t) else 0.0 for w, t in params.items()}
     m, v, t = state["m"], state["v"], state["step"]
 
@@ -494,8 +495,7 @@ def _helper_main(config, tc, layers, sent, params, state, mem_names, work, done,
                 optim.zero_grads({w: grads[w] for w in tensors[name]})
                 model.linear_param_grads(name, _rows(dy, N, out_dim), _rows(x, N, in_dim), grads)
                 for w in tensors[name]:
-                    g[w] = list(chain.from_iterable(grads[w])) if isinstance(grads[w][0], list) \
-                        else grads[w]
+                    g[w] = list(_flat(grads[w]))
             for name in reversed(layers):  # updates, in the order the forward pass needs them
                 for w in tensors[name]:
                     flat[w], m[w], v[w] = optim.adamw_update(flat[w], g[w], m[w], v[w], t, lr,
@@ -533,6 +533,11 @@ def _slots(config, layers, sent):
         slots[name] = (offset, out_dim, offset + T * out_dim, in_dim)
         offset += T * (out_dim + in_dim)
     return slots, offset
+
+
+def _flat(tensor):
+    """A tensor's values in row order (a vector is its own single row)."""
+    return chain.from_iterable(tensor) if isinstance(tensor[0], list) else tensor
 
 
 def _rows(flat, n, cols):
