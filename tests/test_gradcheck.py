@@ -4,8 +4,9 @@ Finite differences: the fourth-order central stencil
     f'(x) ~ [8 (f(x+h) - f(x-h)) - (f(x+2h) - f(x-2h))] / (12 h),   h = 1e-4.
 Its truncation error is O(h^4 f^(5)) ~ 1e-16; its rounding error is ~1.5 * (the loss's rounding
 error) / h. The loss is computed to ~2e-14 (measured against torch; ops.matmul's dot products are
-accurate to ~1e-16 (|a|^2 + |b|^2)), so finite differences carry ~3e-10 of noise. (The plain
-two-point stencil would need h ~1e-5 to keep truncation small, and its noise would be ~2e-9.)
+accurate to ~1e-16 |a||b|, see test_matmul.py), so finite differences carry ~3e-10 of noise.
+(The plain two-point stencil would need h ~1e-5 to keep truncation small, and its noise would be
+~2e-9.)
 
 Criterion: rel = |analytic - numeric| / max(|analytic| + |numeric|, FLOOR) < RTOL = 1e-6.
 The floor is needed because some gradients are exactly zero by symmetry (the key bias attn_wk_b:
