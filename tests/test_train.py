@@ -313,7 +313,8 @@ def test_helpers_do_not_outlive_a_killed_trainer(tmp_path, batch):
     try:
         metrics, deadline = run / "metrics.jsonl", time.monotonic() + 60
         while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "log").read_text()
             time.sleep(0.01)
         (worker,) = worker_pids(proc.pid)
     finally:
