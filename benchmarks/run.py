@@ -45,7 +45,7 @@ from puregpt.config import GPTConfig, TrainConfig, preset  # noqa: E402
 from puregpt.data import bundled_names_path, get_batch, load_corpus  # noqa: E402
 from puregpt.sample import generate  # noqa: E402
 from puregpt.tokenizer import CharTokenizer  # noqa: E402
-from puregpt.train import available_cpus  # noqa: E402
+from puregpt.parallel import available_cpus  # noqa: E402
 
 import scalar_baseline  # noqa: E402
 

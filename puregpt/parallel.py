@@ -26,6 +26,14 @@ from . import model, ops, optim
 POLL_SECONDS = 0.5
 
 
+def available_cpus() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the
+    machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class WorkerError(RuntimeError):
     """A worker process failed; the message says which and how."""
 
@@ -242,6 +250,7 @@ class WorkerPool:
 
 _STEP, _STATE, _STOP = 1.0, 2.0, 3.0  # commands, in header[0]
 SPIN_TRIES = 40_000  # ~5 ms of non-blocking tries (~0.12 us each) before sleeping on a semaphore
+_SPIN = available_cpus() > 1
 
 
 def helper_layers(config, share: float = 0.75) -> tuple[list[str], set[str]]:
@@ -268,8 +277,9 @@ def _layer_tensors(name, params) -> list[str]:
 
 def _wait(sem, alive) -> None:
     """Acquire sem: spin first (a step is milliseconds; waking a sleeper costs ~20 us), then
-    sleep in short slices, checking that the other process is still there."""
-    for _ in range(SPIN_TRIES):
+    sleep in short slices, checking that the other process is still there. On a single core
+    spinning would only keep the other process from running: there it sleeps at once."""
+    for _ in range(SPIN_TRIES if _SPIN else 0):
         if sem.acquire(False):
             return
     while not sem.acquire(timeout=POLL_SECONDS):

@@ -305,6 +305,7 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
                     os.unlink(paths["best"])
                 save_checkpoint(paths["last"], snapshot(0))
 
+        from .parallel import available_cpus
         n_workers = tc.workers or available_cpus()
         if n_workers > 1 and tc.batch_size > 1:
             from .parallel import WorkerPool
@@ -455,14 +456,6 @@ def _bpe_maker(tc: TrainConfig):
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def available_cpus() -> int:
-    """The cores this process may run on (a container or taskset may allow fewer than the
-    machine has)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def _start_workers(start):

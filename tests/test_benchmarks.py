@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from puregpt.train import available_cpus
+from puregpt.parallel import available_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "run.py"
