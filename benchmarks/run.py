@@ -216,7 +216,6 @@ def puregpt_tiny_split(docs: list[str], steps: int, seed: int = 42) -> dict:
         t0 = time.perf_counter()
         for step in range(steps):
             inputs, targets = examples[step % len(examples)]
-            optim.zero_grads(grads)
             loss, n = split.step(params, grads, inputs, targets, optim.lr_at(step, tc), state)
             losses.append(loss)
             tokens += n

@@ -316,6 +316,8 @@ class SplitStep:
         self.layers, self.sent = helper_layers(config)
         self.owner = {w: name for name in self.layers for w in _layer_tensors(name, params)}
         self.own = [name for name in params if name not in self.owner]
+        # the gradient buffers the main process fills: its own tensors', and the sent layers'
+        self.filled = self.own + [w for name in self.sent for w in _layer_tensors(name, params)]
         self.pending = []  # the helper's layers not yet received, in forward order
         self.weights_layout, self.n_weights = _layout({w: params[w] for w in self.owner})
         self.arrivals = {name: [e for e in self.weights_layout if self.owner[e[0]] == name]
@@ -395,7 +397,8 @@ class SplitStep:
 
     def step(self, params, grads, inputs, targets, lr: float, opt_state) -> tuple[float, int]:
         """Forward, backward and AdamW update of one sequence; returns (loss, positions). When
-        the loss is not finite, nothing is updated (the caller stops the run)."""
+        the loss is not finite, nothing is updated (the caller stops the run). The gradients
+        are computed afresh (grads is only working space)."""
         assert params is self.params
         logits, cache = model.forward(_Arriving(params, self), self.config, inputs)
         loss, lcache = ops.cross_entropy_forward(logits, [y for seq in targets for y in seq])
@@ -403,6 +406,7 @@ class SplitStep:
             return loss, lcache[2]
         header = self.views[0]
         header[0], header[1], header[2] = _STEP, len(logits), lr
+        optim.zero_grads({w: grads[w] for w in self.filled})  # the others stay unused here
         self.grads = grads
         model.backward(ops.cross_entropy_backward(1.0, lcache), cache, params, grads,
                        self.config, defer=self.defer)

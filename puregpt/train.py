@@ -336,10 +336,10 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
             lr = optim.lr_at(step, tc)
             micro = [get_batch(corpus, step, j, tc, config.block_size, rng)
                      for j in range(tc.grad_accum)]
-            optim.zero_grads(grads)
             if split is not None:  # updates the weights too, unless the loss is not finite
                 loss, n_tokens = split.step(params, grads, *micro[0], lr, opt_state)
             else:
+                optim.zero_grads(grads)
                 loss, n_tokens = batch_grads(params, config, micro, grads, workers)
             if not math.isfinite(loss):
                 raise TrainingError(

@@ -136,7 +136,6 @@ def split_run(config, steps, weight_decay=0.0, lr=0.01):
     try:
         for step in range(steps):
             inputs, targets = batch(rng, 1, config.vocab_size, config.block_size)
-            optim.zero_grads(grads)
             losses.append(split.step(params, grads, inputs, targets, lr, opt_state)[0])
         split.pull_optimizer_state(opt_state)  # waits for the last updates too
     finally:
