@@ -463,7 +463,7 @@ def _start_workers(start):
     (through fork, and through exec with spawn): Ctrl-C on a terminal signals the whole process
     group, and a worker killed by it would fail the step instead of letting the main process
     finish it and save a resumable checkpoint. The workers stop when the main process closes
-    the pool or dies (their pipe breaks)."""
+    the pool, or notice that it died (they watch their parent process)."""
     if not _main_thread():
         return start()
     saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
