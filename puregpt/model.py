@@ -150,13 +150,13 @@ def _qkv(tensors, p):
     """Q, K and V's weight matrices (or their gradients) stacked: one (3C, C) linear layer, as
     GPT-2 stores them (c_attn). The stacked list holds the original rows, so gradients
     accumulated into it land in each matrix's own buffers."""
-    parts = [tensors.get(p + name) for name in ("attn_wq", "attn_wk", "attn_wv")]
+    parts = [tensors.get(w) for w in layer_tensors(p + "attn_qkv")]
     return None if parts[0] is None else parts[0] + parts[1] + parts[2]
 
 
 def _qkv_bias(tensors, p):
     """Q, K and V's biases stacked (a copy: read-only use)."""
-    parts = [tensors.get(p + name + "_b") for name in ("attn_wq", "attn_wk", "attn_wv")]
+    parts = [tensors.get(w + "_b") for w in layer_tensors(p + "attn_qkv")]
     return None if parts[0] is None else parts[0] + parts[1] + parts[2]
 
 
