@@ -281,7 +281,7 @@ class BPETokenizer:
         os.makedirs(directory, exist_ok=True)
         vocab_path = os.path.join(directory, "vocab.json")
         merges_path = os.path.join(directory, "merges.txt")
-        from .checkpoint import atomic_write  # each file complete or not there at all
+        from .fsutil import atomic_write  # each file complete or not there at all
         by_id = dict(sorted(self.encoder.items(), key=lambda kv: kv[1]))
         atomic_write(vocab_path, [json.dumps(by_id, ensure_ascii=False).encode("utf-8")])
         # transformers' old GPT2Tokenizer drops the first line unconditionally: keep a header.

@@ -91,6 +91,55 @@ def _load(path: str):
     return path, load_checkpoint(path)
 
 
+# --- naming the model: one convention for every command ----------------------------------------
+#
+# Every command that uses a model takes it as its first word (a run directory, meaning its best
+# checkpoint, or a checkpoint file), or as -m/--model; without either it is ./run. Commands that
+# also take texts (score, explain) read the first word as the model only when it names one (a
+# checkpoint file, or a directory holding one); otherwise every word is a text.
+
+DEFAULT_RUN = "run"
+
+
+def _add_model_args(parser, words: str | None = None, words_help: str = "") -> None:
+    """The model as -m/--model or the first positional word; `words`: the name of the texts
+    that may follow (score, explain)."""
+    parser.add_argument("-m", "--model", metavar="RUN", help="run directory or checkpoint file "
+                        "(default: ./run; a directory means its best checkpoint)")
+    if words is None:
+        parser.add_argument("run", nargs="?", metavar="RUN", help="the model, as -m RUN")
+    else:
+        parser.add_argument("words", nargs="*", metavar=words, help=f"[RUN] {words_help}: "
+                            f"a first word that names a run directory or checkpoint file is "
+                            f"the model")
+
+
+def names_a_model(word: str) -> bool:
+    """Whether a word names a model: a checkpoint file, or a directory holding one."""
+    if os.path.isdir(word):
+        return any(os.path.isfile(os.path.join(word, name))
+                   for name in ("best.safetensors", "last.safetensors"))
+    return os.path.isfile(word) and word.endswith(".safetensors")
+
+
+def _model_arg(args) -> str:
+    """The model of a command without texts: -m RUN or the positional RUN (not both, unless the
+    same), else ./run."""
+    if args.model is not None and args.run is not None and args.model != args.run:
+        raise ConfigError(f"two models given: {args.run} and -m {args.model}; give one")
+    return args.model or args.run or DEFAULT_RUN
+
+
+def _model_and_words(args) -> tuple[str, list[str]]:
+    """(model, texts) of a command with texts: see the convention above."""
+    words = list(args.words)
+    if args.model is not None:
+        return args.model, words
+    if words and names_a_model(words[0]):
+        return words[0], words[1:]
+    return DEFAULT_RUN, words
+
+
 def _is_docs(ckpt) -> bool:
     return ckpt.trainer.get("mode", "docs") == "docs"
 
@@ -124,7 +173,7 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     from .sample import check_shape, generate_text
-    path, ckpt = _load(args.run)
+    path, ckpt = _load(_model_arg(args))
     docs = _is_docs(ckpt)
     rng = random.Random(args.seed)
     shape = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
@@ -148,7 +197,8 @@ def cmd_sample(args) -> int:
 
 def cmd_score(args) -> int:
     from .sample import score_corpus, score_text
-    path, ckpt = _load(args.model)
+    model_path, args.texts = _model_and_words(args)
+    path, ckpt = _load(model_path)
     if not args.texts and not args.data:
         raise ConfigError("give documents to score, or --data FILE")
     docs = _is_docs(ckpt)
@@ -175,7 +225,7 @@ def cmd_score(args) -> int:
 
 def cmd_info(args) -> int:
     from .model import num_params
-    path, ckpt = _load(args.run)
+    path, ckpt = _load(_model_arg(args))
     cfg, tok = ckpt.config, ckpt.tokenizer
     print(f"checkpoint: {path}")
     print(f"step: {ckpt.step}" + (f" of {ckpt.train_config.steps}" if ckpt.train_config else ""))
@@ -195,7 +245,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .checkpoint import atomic_write
+    from .fsutil import atomic_write
     from .plot import read_metrics, render_loss_svg
     metrics = os.path.join(args.run, "metrics.jsonl")
     if not os.path.exists(metrics):
@@ -208,8 +258,19 @@ def cmd_plot(args) -> int:
 
 def cmd_export(args) -> int:
     from .hf import export_hf
-    path, ckpt = _load(args.run)
-    export_hf(ckpt, args.out_dir, args.dtype.upper())
+    if args.model is not None:  # export -m RUN OUT_DIR
+        if len(args.paths) != 1:
+            raise ConfigError("export -m RUN takes one more argument: OUT_DIR")
+        run, out_dir = args.model, args.paths[0]
+    elif len(args.paths) == 2:
+        run, out_dir = args.paths
+    elif len(args.paths) == 1:
+        run, out_dir = DEFAULT_RUN, args.paths[0]
+    else:
+        raise ConfigError("export takes [RUN] OUT_DIR (RUN defaults to ./run)")
+    path, ckpt = _load(run)
+    export_hf(ckpt, out_dir, args.dtype.upper())
+    args.out_dir = out_dir
     print(f"exported {path} to {args.out_dir}: " + ", ".join(sorted(os.listdir(args.out_dir))))
     return 0
 
@@ -262,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a trained model")
-    s.add_argument("run", nargs="?", default="run", help="run directory or checkpoint file "
-                   "(default: ./run; a directory means its best checkpoint)")
+    _add_model_args(s)
     s.add_argument("-n", "--num-samples", type=int, default=10, help="how many (default 10)")
     s.add_argument("--temperature", type=float, default=0.5, help="below 1 sharpens, above 1 "
                    "flattens the distribution (default 0.5)")
@@ -280,14 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("score", help="log-probability of documents under a model")
-    c.add_argument("texts", nargs="*", metavar="TEXT", help="documents to score")
-    c.add_argument("-m", "--model", default="run", help="run directory or checkpoint "
-                   "(default: ./run)")
+    _add_model_args(c, "TEXT", "documents (or, for continuous text, passages) to score")
     c.add_argument("--data", help="report mean loss and perplexity over this file")
     c.set_defaults(func=cmd_score)
 
     i = sub.add_parser("info", help="describe a checkpoint")
-    i.add_argument("run", nargs="?", default="run", help="run directory or checkpoint file")
+    _add_model_args(i)
     i.set_defaults(func=cmd_info)
 
     pl = sub.add_parser("plot", help="draw a run's loss curves as SVG")
@@ -300,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a GPT-2-shaped model (e.g. --preset gpt2) as a "
                        "directory that transformers' GPT2LMHeadModel and AutoTokenizer load: "
                        "config.json, model.safetensors and the tokenizer files.")
-    e.add_argument("run", metavar="RUN_OR_CKPT", help="run directory (its best checkpoint) or "
-                   "checkpoint file")
-    e.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (or a previous "
-                   "export of the same kind to replace)")
+    e.add_argument("-m", "--model", metavar="RUN", help="run directory or checkpoint file "
+                   "(default: ./run; a directory means its best checkpoint)")
+    e.add_argument("paths", nargs="+", metavar="[RUN] OUT_DIR", help="the model (as -m RUN; "
+                   "default ./run), then the directory to create (or a previous export of the "
+                   "same kind to replace)")
     e.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face "
                    "transformers GPT-2 (the only format so far)")
     e.add_argument("--dtype", default="f32", choices=["f32", "f64"], type=str.lower,
@@ -323,10 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(parser, argv: list[str]):
+    """The command line's namespace. Within a command, options and words may come in any order
+    (`export RUN --dtype f64 OUT_DIR`, `score emma -m run anna`): the command's own parser reads
+    them intermixed."""
+    commands = parser._subparsers._group_actions[0].choices  # name -> the command's parser
+    for i, word in enumerate(argv):
+        if word in commands:
+            args = commands[word].parse_intermixed_args(argv[i + 1:])
+            args.command = word
+            return args
+        if not word.startswith("-"):
+            break
+    return parser.parse_args(argv)  # no command: argparse's own message (or --help)
+
+
 def main(argv=None) -> int:
     from .parallel import WorkerError
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
         return args.func(args)
     except Interrupted as e:

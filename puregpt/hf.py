@@ -44,9 +44,9 @@ import shutil
 import sys
 from array import array
 
-from .checkpoint import (Checkpoint, CheckpointError, atomic_write, fsync_dir, read_header,
-                         read_values)
+from .checkpoint import Checkpoint, CheckpointError, read_header, read_values
 from .config import ConfigError, GPTConfig
+from .fsutil import atomic_write, fsync_dir
 from .model import param_shapes
 from .tokenizer import CharTokenizer
 

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 
 from . import model, optim
-from .checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_CHANGES, GPTConfig, TrainConfig
 from .data import Corpus, DataError, get_batch, load_corpus
+from .fsutil import atomic_write
 from .plot import read_metrics, render_loss_svg
 from .sample import generate_text
 

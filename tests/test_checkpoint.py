@@ -19,9 +19,10 @@ from safetensors.numpy import load_file, save_file
 
 from helpers_train import float_bits, params_bits, run_cli
 from puregpt import model, optim
-from puregpt.checkpoint import (Checkpoint, CheckpointError, atomic_write, load_checkpoint,
+from puregpt.checkpoint import (Checkpoint, CheckpointError, load_checkpoint,
                                 safetensors_chunks, save_checkpoint)
 from puregpt.config import GPTConfig, TrainConfig
+from puregpt.fsutil import atomic_write
 from puregpt.tokenizer import CharTokenizer
 
 assert safetensors.__version__
