@@ -162,6 +162,12 @@ class TrainConfig:
         return _from_dict(cls, d)
 
 
+# Fields added to GPTConfig after checkpoints of format 1 were first written, with the value
+# that reproduces what those checkpoints were trained with: a stored config that lacks one of
+# these gets that value. Any other missing key is an error: a silently defaulted key would
+# change the model (a gpt2 checkpoint without "activation" would load as ReLU).
+ADDED_MODEL_FIELDS: dict[str, object] = {}
+
 # Training settings that may change when a run is resumed: they shape the optimizer's future or
 # the reporting, not the data order or the model, so the run stays a continuation of itself.
 RESUMABLE_CHANGES = ("steps", "lr", "beta1", "beta2", "eps", "weight_decay", "schedule", "warmup",

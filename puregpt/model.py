@@ -244,22 +244,33 @@ def mlp_backward(dY, cache, grads, p, config, defer=None):
 # --- one transformer block ---------------------------------------------------------------------
 
 
-def block_forward(x, params, l, config, lengths, kv=None):
+def block_forward(x, params, l, config, lengths, kv=None, trace=None):
+    """trace (a dict, or None): receives each sub-block's output ("layer{l}.attn", ".mlp") and
+    the residual stream after it ("layer{l}.resid_attn", ".resid_mlp")."""
     p = f"layer{l}."
     cache = {}
     if config.norm_position == "pre":
         h, cache["attn_norm"] = norm_forward(x, params, p + "attn_norm", config)
         a, cache["attn"] = attn_forward(h, params, p, config, lengths, kv)
         x = ops.add_rows(x, a)
+        _trace(trace, p, "attn", a, x)
         h, cache["mlp_norm"] = norm_forward(x, params, p + "mlp_norm", config)
         m, cache["mlp"] = mlp_forward(h, params, p, config)
         x = ops.add_rows(x, m)
+        _trace(trace, p, "mlp", m, x)
     else:
         a, cache["attn"] = attn_forward(x, params, p, config, lengths, kv)
         x, cache["attn_norm"] = norm_forward(ops.add_rows(x, a), params, p + "attn_norm", config)
+        _trace(trace, p, "attn", a, x)
         m, cache["mlp"] = mlp_forward(x, params, p, config)
         x, cache["mlp_norm"] = norm_forward(ops.add_rows(x, m), params, p + "mlp_norm", config)
+        _trace(trace, p, "mlp", m, x)
     return x, cache
+
+
+def _trace(trace, p, name, out, x):
+    if trace is not None:
+        trace[p + name], trace[p + "resid_" + name] = out, x
 
 
 def block_backward(dx, cache, grads, l, config, defer=None):
@@ -282,12 +293,16 @@ def block_backward(dx, cache, grads, l, config, defer=None):
 # --- the whole model ---------------------------------------------------------------------------
 
 
-def forward(params: dict, config: GPTConfig, inputs: list[list[int]], kv=None, start_pos=0):
+def forward(params: dict, config: GPTConfig, inputs: list[list[int]], kv=None, start_pos=0,
+            trace: dict | None = None):
     """Logits for every position of every sequence in `inputs`, and the cache for `backward`.
 
     inputs: B token sequences of 1..block_size tokens each. Returns logits (N, V), N = total
     tokens, rows in input order. With a KV cache `kv` (from `new_kv_cache`), inputs is one
     sequence continuing at position start_pos (= tokens already in the cache).
+    trace: a dict that receives the residual stream (N, C) at each stage, for looking inside:
+    "embed" (after the embedding, and emb_norm), per layer the sub-blocks' outputs and the stream
+    after them (see block_forward), "final" (what lm_head reads).
     """
     lengths = [len(seq) for seq in inputs]
     tokens = [t for seq in inputs for t in seq]
@@ -304,11 +319,15 @@ def forward(params: dict, config: GPTConfig, inputs: list[list[int]], kv=None, s
                                             position_table(params, config))
     if config.emb_norm:
         x, cache["emb_norm"] = norm_forward(x, params, "emb_norm", config)
+    if trace is not None:
+        trace["embed"] = x
     for l in range(config.n_layer):
         x, cache[f"layer{l}"] = block_forward(x, params, l, config, lengths,
-                                              None if kv is None else kv[l])
+                                              None if kv is None else kv[l], trace)
     if config.final_norm:
         x, cache["final_norm"] = norm_forward(x, params, "final_norm", config)
+    if trace is not None:
+        trace["final"] = x
     logits, cache["lm_head"] = ops.linear_forward(x, lm_head_weight(params, config))
     return logits, cache
 
@@ -350,6 +369,12 @@ def evaluate_loss(params, config, inputs, targets) -> tuple[float, int]:
     logits, _ = forward(params, config, inputs)
     loss, lcache = ops.cross_entropy_forward(logits, [y for seq in targets for y in seq])
     return loss, lcache[2]
+
+
+def attention_weights(cache: dict, l: int) -> list:
+    """The attention weights of layer l from forward's cache: per sequence, per head, the
+    (T, T) matrix whose row i is query i's softmax over keys 0..i (zeros past the mask)."""
+    return [c[4] for c in cache[f"layer{l}"]["attn"][1]]
 
 
 def new_kv_cache(config: GPTConfig) -> list:
