@@ -48,6 +48,8 @@ TRAIN_HELP = {
     "min_lr_frac": "cosine schedule ends at lr * this",
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "seed": "random seed for the data order, the split, the initial weights and the windows",
+    "data_seed": "seed of the documents' shuffle (split and order) alone, so that runs of "
+                 "different --seed share them (-1: use --seed)",
     "mode": "auto, docs (one document per line) or stream (continuous text)",
     "long_docs": "documents longer than block_size: split into windows or truncate",
     "tokenizer": "char (one token per character) or bpe (byte-level BPE learned from the data)",

@@ -123,6 +123,7 @@ class TrainConfig:
     min_lr_frac: float = 0.0  # cosine decays to lr * min_lr_frac
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 = off
     seed: int = 42
+    data_seed: int = -1  # seeds the documents' shuffle (split and order) alone; -1: use seed
     mode: str = "auto"  # auto | docs (one document per line) | stream (continuous text)
     long_docs: str = "split"  # docs longer than block_size: split into windows, or truncate
     tokenizer: str = "char"  # char (one token per character) | bpe (byte-level BPE, learned)
@@ -139,6 +140,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_seed < -1:
+            raise ConfigError(f"TrainConfig.data_seed must be >= 0, or -1 (use seed), got "
+                              f"{self.data_seed}")
         for name in ("warmup", "eval_every", "eval_tokens", "workers", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -167,6 +171,7 @@ class TrainConfig:
 # these gets that value. Any other missing key is an error: a silently defaulted key would
 # change the model (a gpt2 checkpoint without "activation" would load as ReLU).
 ADDED_MODEL_FIELDS: dict[str, object] = {}
+ADDED_TRAIN_FIELDS: dict[str, object] = {"data_seed": -1}  # the same rule for TrainConfig
 
 # Training settings that may change when a run is resumed: they shape the optimizer's future or
 # the reporting, not the data order or the model, so the run stays a continuation of itself.

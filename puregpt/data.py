@@ -6,7 +6,8 @@ their next tokens. A document with more than block_size predictions is either sp
 that advance by block_size // 2 (long_docs="split": each window but the first masks the targets
 the previous one already predicted, so every token is predicted once, always with at least half a
 block of context) or truncated to its first window (long_docs="truncate", microgpt). The documents
-are shuffled by the seeded RNG; the last val_fraction of them is the validation set. Step s uses
+are shuffled by the seeded RNG (or, with data_seed, by an RNG of their own, so that runs of
+different seeds share one split and one order); the last val_fraction of them is the validation set. Step s uses
 examples s*B*A ... (s+1)*B*A - 1 (B batch size, A grad_accum), cycling through the training set
 in that fixed order, so the data position is a function of the step.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from dataclasses import dataclass
 
 from .config import TrainConfig
@@ -138,7 +140,8 @@ def load_corpus(path: str | None, tc: TrainConfig, block_size: int, rng, tokeniz
         raise DataError(f"{path} {what}: there is nothing to train on")
     if mode == "docs":
         docs = [ln.strip() for ln in text.split("\n") if ln.strip()]
-        rng.shuffle(docs)
+        # with a data_seed, the split and the order stay fixed while seed varies the weights
+        (random.Random(tc.data_seed) if tc.data_seed >= 0 else rng).shuffle(docs)
         n_val = round(len(docs) * tc.val_fraction)
         if tc.val_fraction > 0 and n_val == 0 and len(docs) > 1:
             n_val = 1
