@@ -124,17 +124,64 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class Progress:
-    """A live line on a terminal; plain lines every log_every steps otherwise; or microgpt's exact
-    per-step lines on stdout."""
+def fit_fields(fields: list[tuple[int, str, str]], width: int) -> str:
+    """Join (priority, text, short text) fields with " | " into at most `width` characters, as
+    tqdm does: the lowest-priority fields are shortened first, then dropped (priority 0: never
+    dropped), and what still does not fit is cut. The fields keep their order."""
+    texts = [text for _, text, _ in fields]
+    line = " | ".join(t for t in texts if t)
+    for prio in sorted({p for p, _, _ in fields if p > 0}, reverse=True):
+        if len(line) <= width:
+            break
+        for i, (p, text, short) in enumerate(fields):
+            if p == prio:
+                texts[i] = short
+        line = " | ".join(t for t in texts if t)
+        if len(line) > width:
+            for i, (p, _, _) in enumerate(fields):
+                if p == prio:
+                    texts[i] = ""
+            line = " | ".join(t for t in texts if t)
+    return line[:width]
 
-    def __init__(self, tc: TrainConfig, start_step: int, quiet: bool, stream=None, out=None):
+
+def terminal_width(stream, default: int = 80) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or default
+    except (AttributeError, OSError, ValueError):
+        return default
+
+
+class Progress:
+    """A live line on a terminal (fitted to its width, redrawn in place); plain lines every
+    log_every steps otherwise; or microgpt's exact per-step lines on stdout.
+
+    Throughput counts training time only (evaluations are timed apart), and the ETA adds the
+    evaluations still to come (measured once one has run; estimated before)."""
+
+    def __init__(self, tc: TrainConfig, start_step: int, quiet: bool, stream=None, out=None,
+                 evaluates: bool = True):
         self.tc, self.quiet = tc, quiet
         self.stream, self.out = stream or sys.stderr, out or sys.stdout
         self.live = not quiet and tc.log_format == "full" and self.stream.isatty()
         self.every = tc.log_every or max(1, tc.steps // 20)
         self.t0, self.start_step, self.last_draw = time.perf_counter(), start_step, 0.0
-        self.tokens, self.val, self.best, self.novel = 0, None, None, None
+        self.tokens, self.evaluates = 0, evaluates
+        self.val = self.best = self.novel = self.val_step = None
+        self.eval_seconds, self.evals = 0.0, 0
+
+    def evaluated(self, step: int, val: float, best: float, novel, seconds: float) -> None:
+        self.val, self.best, self.novel, self.val_step = val, best, novel, step + 1
+        self.eval_seconds += seconds
+        self.evals += 1
+
+    def evals_left(self, s: int) -> int:
+        """Evaluations after step s (1-based): every eval_every steps, and at the last step."""
+        if not self.evaluates:
+            return 0
+        n, every = self.tc.steps, self.tc.eval_every
+        left = (n // every - s // every) if every else 0
+        return left + (0 if s >= n or (every and n % every == 0) else 1)
 
     def step(self, step: int, loss: float, lr: float, tokens: int, evaluated: bool) -> None:
         self.tokens += tokens
@@ -146,23 +193,41 @@ class Progress:
         if self.quiet:
             return
         now = time.perf_counter()
-        elapsed = now - self.t0
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        done = s - self.start_step
-        eta = elapsed / done * (n - s) if done else 0.0
-        val = "" if self.val is None else f" | val {self.val:.4f} (best {self.best:.4f})"
-        if self.novel is not None:  # share of sampled documents that are not training copies
-            val += f" | novel {self.novel:.0%}"
-        line = (f"step {s:4d} / {n:4d} | loss {loss:.4f}{val} | lr {lr:.2e} | {rate:,.0f} tok/s"
-                f" | {_clock(elapsed)} elapsed | ETA {_clock(eta)}")
+        if self.live and not (evaluated or s == n or now - self.last_draw > 0.1):
+            return
+        if not self.live and not (evaluated or s % self.every == 0 or s == n):
+            return
+        line = self.line(s, loss, lr, now)
         if self.live:
-            if evaluated or s == n or now - self.last_draw > 0.1:
-                end = "\n" if evaluated or s == n else ""
-                self.stream.write("\r" + line + "\x1b[K" + end)
-                self.stream.flush()
-                self.last_draw = now
-        elif evaluated or s % self.every == 0 or s == n:
+            end = "\n" if evaluated or s == n else ""
+            self.stream.write("\r" + line + "\x1b[K" + end)
+            self.stream.flush()
+            self.last_draw = now
+        else:
             print(line, file=self.stream, flush=True)
+
+    def line(self, s: int, loss: float, lr: float, now: float) -> str:
+        n = self.tc.steps
+        elapsed = now - self.t0
+        training = max(elapsed - self.eval_seconds, 1e-9)
+        done = s - self.start_step
+        per_eval = self.eval_seconds / self.evals if self.evals else 0.0
+        eta = training / done * (n - s) + per_eval * self.evals_left(s) if done else 0.0
+        fields = [(0, f"step {s:4d} / {n:4d}", ""), (0, f"loss {loss:.4f}", "")]
+        fresh = self.val_step == s
+        if self.val is not None and (fresh or self.live):  # a plain line: only when new
+            age = "" if fresh else f" @{self.val_step}"  # an older evaluation says its step
+            fields.append((2, f"val {self.val:.4f} (best {self.best:.4f}){age}",
+                           f"val {self.val:.4f}{age}"))
+            if self.novel is not None:  # share of sampled documents not copied from training
+                fields.append((7, f"novel {self.novel:.0%}", ""))
+        fields += [(6, f"lr {lr:.2e}", ""), (4, f"{self.tokens / training:,.0f} tok/s", ""),
+                   (5, f"{_clock(elapsed)} elapsed", ""),
+                   (3, f"ETA {_clock(eta)}", "")]
+        if not self.live:
+            return " | ".join(text for _, text, _ in fields)
+        # one column short of the width: a line that fills it wraps on some terminals
+        return fit_fields(fields, terminal_width(self.stream) - 1)
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -234,7 +299,8 @@ class Run:
         self.grads = model.zeros_like(self.params)
         self.result = TrainResult(self.params, self.config, self.corpus.tokenizer, tc,
                                   self.corpus, self.start, best_val=self.best_val)
-        self.progress = Progress(tc, self.start, quiet, stream, stdout)
+        self.progress = Progress(tc, self.start, quiet, stream, stdout,
+                                 bool(self.corpus.val_examples))
         self.workers = self.split = None
         self.stop_signal, self._handlers = None, {}
         if run_dir is not None:
@@ -318,6 +384,7 @@ class Run:
 
     def evaluate(self, step: int, row: dict) -> None:
         """Validation loss (and, for documents, novelty) into the row; keeps the best."""
+        t0 = time.perf_counter()
         val = evaluate(self.params, self.config, self.corpus.val_examples, self.workers)
         row["val_loss"] = self.result.last_val = val
         if self.corpus.mode == "docs":
@@ -327,8 +394,8 @@ class Run:
             self.best_val = self.result.best_val = val
             if self.dir:
                 self.dir.save_best(self.snapshot(step + 1))
-        self.progress.val, self.progress.best = val, self.best_val
-        self.progress.novel = row.get("novel_frac")
+        self.progress.evaluated(step, val, self.best_val, row.get("novel_frac"),
+                                time.perf_counter() - t0)
 
     def log(self, step: int, row: dict, evaluated: bool) -> None:
         if self.dir:
