@@ -19,6 +19,14 @@ RUN = REPO / "benchmarks" / "run.py"
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
+def load_run():
+    """benchmarks/run.py as a module (it puts benchmarks/ on sys.path for its bench_* modules)."""
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    return run
+
+
 def run_bench(name: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, str(RUN), name, "--quick", "--json", str(out), *extra],
@@ -113,12 +121,9 @@ def test_memory(tmp_path):
 
 def test_mac_formula():
     """forward = N (12 L C^2 + V C) + L C sum T (T + 1); total = 3 x forward."""
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
     from puregpt.config import GPTConfig
     cfg = GPTConfig(vocab_size=3, n_embd=2, n_head=1, n_layer=1, block_size=4)
-    macs = run.macs_per_step(cfg, [2, 3])
+    macs = load_run().BENCHMARKS["train-large"].macs_per_step(cfg, [2, 3])
     # matmuls per position: q, k, v, o 4 * 2 * 2, fc1 and fc2 2 * 8 * 2, lm_head 3 * 2 -> 54
     assert macs["forward_matmul"] == 5 * 54
     # attention: q.k and a.v over the causal triangle, C * T(T+1)/2 each
@@ -136,3 +141,4 @@ def test_torch_microgpt_script_prints_microgpt_lines():
     lines = proc.stdout.splitlines()
     assert "step    3 /    3 | loss " in proc.stdout
     assert sum(line.startswith("sample ") for line in lines) == 2
+
