@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -39,6 +40,10 @@ from .data import Corpus, DataError, get_batch, load_corpus
 from .fsutil import atomic_write
 from .plot import read_metrics, render_loss_svg
 from .sample import generate_text
+
+
+LONG_RUN_SECONDS = 180  # a run estimated to take longer says so before it starts
+EXPLODING_EVALS = 4  # a validation loss growing at this many evaluations in a row: a warning
 
 
 class TrainingError(RuntimeError):
@@ -303,6 +308,7 @@ class Run:
                                  bool(self.corpus.val_examples))
         self.workers = self.split = None
         self.stop_signal, self._handlers = None, {}
+        self.first_loss, self.vals, self.warned = None, [], False  # watch_loss's memory
         if run_dir is not None:
             run_dir.begin(self._run_info(), resume, self.start, self.snapshot)
         self.workers, self.split = _start_parallel(self.config, tc, self.params, self.opt_state)
@@ -364,6 +370,7 @@ class Run:
         """The step's metrics row (and the result's bookkeeping)."""
         self.result.step = step + 1
         self.result.losses.append(loss)
+        self.watch_loss(step, loss)
         now = time.perf_counter()
         return {"step": step + 1, "loss": loss, "lr": lr, "tokens": n_tokens,
                 "tokens_per_s": n_tokens / max(now - t0, 1e-9), "time": now - self.t_start}
@@ -390,6 +397,7 @@ class Run:
         if self.corpus.mode == "docs":
             row["novel_frac"] = novelty(self.params, self.config, self.corpus,
                                         self.tc.seed + step)
+        self.watch_loss(step, row["loss"], val)
         if self.best_val is None or val < self.best_val:
             self.best_val = self.result.best_val = val
             if self.dir:
@@ -453,6 +461,61 @@ class Run:
         if resume:
             message(f"resuming {out} at step {self.start}"
                     + (": changed " + "; ".join(changes) if changes else ""))
+        tc = self.tc
+        if tc.warmup > tc.steps:
+            message(f"warning: --warmup {tc.warmup} exceeds --steps {tc.steps}: the learning "
+                    f"rate never reaches --lr {tc.lr:g} (it ends at "
+                    f"{optim.lr_at(tc.steps - 1, tc):.3g})")
+        seconds, step_seconds = self.estimate_seconds()
+        if seconds > LONG_RUN_SECONDS:
+            message(f"this run will take about {_clock(seconds)} ({tc.steps - self.start:,} "
+                    f"steps of {step_seconds:.2f} s, measured, with evaluations); fewer --steps "
+                    f"or a smaller model are faster, and Ctrl-C stops it with a checkpoint "
+                    f"that resumes")
+
+    def estimate_seconds(self) -> tuple[float, float]:
+        """(the run's remaining time, one step's), estimated. Only a run that may be long is
+        measured: one forward/backward pass of the first batch into throwaway gradients (the
+        real RNG, weights and gradients untouched)."""
+        tc, config = self.tc, self.config
+        tokens = tc.batch_size * tc.grad_accum * config.block_size
+        steps = tc.steps - self.start
+        # ~6 multiply-adds per parameter and token (forward 2, backward 4), at ~50 M/s
+        if steps <= 0 or 6 * model.num_params(self.params) * tokens * steps < \
+                LONG_RUN_SECONDS * 50e6 / 4:
+            return 0.0, 0.0
+        rng = random.Random()
+        rng.setstate(self.rng.getstate())
+        batch = [get_batch(self.corpus, self.start, j, tc, config.block_size, rng)
+                 for j in range(tc.grad_accum)]
+        t0 = time.perf_counter()
+        batch_grads(self.params, config, batch, model.zeros_like(self.params), self.workers)
+        step_seconds = time.perf_counter() - t0
+        evals = Progress(tc, self.start, True, evaluates=bool(self.corpus.val_examples))
+        per_eval = step_seconds / 3 * min(tc.eval_tokens or 10**9, sum(
+            len(t) for _, t in self.corpus.val_examples)) / tokens  # forward only
+        return step_seconds * steps + per_eval * evals.evals_left(self.start), step_seconds
+
+    def watch_loss(self, step: int, loss: float, val: float | None = None) -> None:
+        """One warning when the loss explodes: 10x the first step's, or a validation loss that
+        grew at EXPLODING_EVALS evaluations in a row."""
+        if self.warned:
+            return
+        if self.first_loss is None:
+            self.first_loss = loss
+        if val is not None:
+            self.vals.append(val)
+        grew = len(self.vals) > EXPLODING_EVALS and all(
+            a < b for a, b in zip(self.vals[-EXPLODING_EVALS - 1:], self.vals[-EXPLODING_EVALS:]))
+        if loss > 10 * self.first_loss or grew:
+            what = (f"the training loss ({loss:.4g}) is over 10x the first step's "
+                    f"({self.first_loss:.4g})" if not grew else
+                    f"the validation loss grew at {EXPLODING_EVALS} evaluations in a row")
+            self.warned = True
+            if not self.quiet:
+                self.progress.message(
+                    f"warning: at step {step + 1} {what}: --lr {self.tc.lr:g} may be too high "
+                    f"(try --lr {self.tc.lr / 10:g}, or --grad-clip 1.0)")
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: stop now (checkpoints stay intact)
@@ -468,25 +531,37 @@ class Run:
                 pool.close()
 
     def finish(self, samples: int) -> None:
-        """The summary line, then `samples` documents from the trained model."""
+        """The summary (where the model is, what to try next), then `samples` documents (or
+        passages of continuous text) from the trained model, under a header."""
         tc, result, stdout = self.tc, self.result, self.stdout
-        if not self.quiet and tc.log_format == "full":
+        full = tc.log_format == "full"
+        if not self.quiet and full:
             summary = f"trained to step {result.step}"
             if self.best_val is not None:
                 summary += f" | val loss {result.last_val:.4f} (best {self.best_val:.4f})"
-            if self.dir:
-                summary += f" | saved in {self.dir.path}/"
             self.progress.message(summary)
+            if self.dir:
+                run = shlex.quote(self.dir.path)
+                kept = "best.safetensors (the lowest validation loss), last.safetensors" \
+                    if os.path.exists(self.dir.paths["best"]) else "last.safetensors"
+                self.progress.message(f"saved in {self.dir.path}/: {kept}, metrics.jsonl, "
+                                      f"loss.svg\nnext: puregpt sample {run}   (or: puregpt "
+                                      f"info {run}; puregpt train --resume {run} --steps "
+                                      f"{tc.steps * 2} to train on)")
         if samples:
-            if tc.log_format == "microgpt":
+            docs = self.corpus.mode == "docs"
+            if not full:
                 print("--- inference (new, hallucinated names) ---", file=stdout)
-            sample_rng = self.rng if tc.log_format == "microgpt" else random.Random(tc.seed)
-            for i in range(samples):
-                text = generate_text(self.params, self.config, self.corpus.tokenizer,
-                                     docs_mode=self.corpus.mode == "docs", rng=sample_rng,
-                                     temperature=0.5)
-                print(f"sample {i + 1:2d}: {text}" if tc.log_format == "microgpt" else text,
+            elif docs:
+                print(f"--- {samples} samples from the trained model (temperature 0.5) ---",
                       file=stdout)
+            sample_rng = self.rng if not full else random.Random(tc.seed)
+            for i in range(samples):
+                if full and not docs:  # passages of text need a line of their own between
+                    print(f"--- sample {i + 1} of {samples} (temperature 0.5) ---", file=stdout)
+                text = generate_text(self.params, self.config, self.corpus.tokenizer,
+                                     docs_mode=docs, rng=sample_rng, temperature=0.5)
+                print(f"sample {i + 1:2d}: {text}" if not full else text, file=stdout)
 
 
 # --- the run's setup, step by step -------------------------------------------------------------
