@@ -45,7 +45,7 @@ def save(model: Checkpoint, path: str) -> None:
 
 
 def train(data: str | None = None, *, preset: str = "default", out: str | None = None,
-          resume: bool = False, init_from: str | None = None,
+          resume: bool = False, init_from: str | None = None, force: bool = False,
           callback: Callable[[dict], bool | None] | None = None, quiet: bool = True,
           **settings) -> Checkpoint:
     """Train a model and return it.
@@ -55,10 +55,13 @@ def train(data: str | None = None, *, preset: str = "default", out: str | None =
     steps=500, n_embd=32, pos="sinusoidal", batch_size=8. out: a run directory to write
     checkpoints, metrics and the loss plot to (None: nothing is written). resume: continue the
     run in `out` (settings then may only change what a resume allows, e.g. steps or lr).
+    force: replace a run already in `out` (otherwise refused). init_from: start from a
+    checkpoint's weights and vocabulary, with a fresh optimizer (fine-tuning).
     callback(info) runs after every step with {"step", "loss", "lr", "tokens", "val_loss"};
     returning False stops training.
     """
     # (the module puregpt/train.py, not this function, which shadows it as puregpt.train)
+    from .train import API
     from .train import train as run_training
     model_keys = {f.name for f in fields(GPTConfig)} - {"vocab_size"}
     train_keys = {f.name for f in fields(TrainConfig)}
@@ -83,14 +86,15 @@ def train(data: str | None = None, *, preset: str = "default", out: str | None =
             raise ConfigError(f"cannot change the model of a run being resumed: "
                               f"{', '.join(sorted(model_set))}")
         result = run_training(None, None, data, out, resume=True, overrides=train_set,
-                              quiet=quiet, callback=callback)
+                              quiet=quiet, callback=callback, words=API)
     else:
         chosen = preset_settings(preset)
         model_config = None if init_from else GPTConfig.from_dict({**chosen["model"],
                                                                    **model_set})
         result = run_training(model_config,
                               TrainConfig.from_dict({**chosen["train"], **train_set}), data, out,
-                              init_from=init_from, quiet=quiet, callback=callback)
+                              init_from=init_from, force=force, quiet=quiet, callback=callback,
+                              words=API)
     corpus = result.corpus
     return Checkpoint(result.config, result.tokenizer, result.params, result.step,
                       result.train_config, trainer={"data": corpus.path, "mode": corpus.mode,

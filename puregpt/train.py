@@ -71,6 +71,28 @@ class TrainResult:
     last_val: float | None = None
 
 
+class Words:
+    """How messages name what they suggest: the command line's flags and commands (CLI), or
+    the Python API's arguments and calls (API)."""
+
+    def __init__(self, api: bool):
+        self.api = api
+
+    def flag(self, name: str, value=None) -> str:
+        """--grad-clip 1.0 (CLI) or grad_clip=1.0 (API)."""
+        if self.api:
+            return name if value is None else f"{name}={value!r}"
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None else f"{flag} {value}"
+
+    def resume(self, out: str) -> str:
+        return (f"puregpt.train(out={out!r}, resume=True)" if self.api else
+                f"puregpt train --resume {shlex.quote(out)}")
+
+
+CLI, API = Words(api=False), Words(api=True)
+
+
 def run_paths(out: str) -> dict[str, str]:
     return {name: os.path.join(out, file) for name, file in (
         ("last", "last.safetensors"), ("best", "best.safetensors"), ("metrics", "metrics.jsonl"),
@@ -248,7 +270,7 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
           data: str | None = None, out: str | None = None, resume: bool = False,
           overrides: dict | None = None, init_from: str | None = None, force: bool = False,
           quiet: bool = False, samples: int = 0, callback=None, stream=None,
-          stdout=None) -> TrainResult:
+          stdout=None, words: Words = CLI) -> TrainResult:
     """Train a model; see the module docstring and `puregpt train --help`.
 
     model_config: the model's shape (vocab_size is set from the data). train_config: the recipe.
@@ -256,14 +278,16 @@ def train(model_config: GPTConfig | None = None, train_config: TrainConfig | Non
     `overrides` (TrainConfig field -> value) applied where allowed. init_from: start from a
     checkpoint's weights and vocabulary with a fresh optimizer (fine-tuning). callback(info) is
     called after every step with a dict (step, loss, lr, tokens, val_loss); returning False
-    stops training after that step (a checkpoint is saved when out is set).
+    stops training after that step (a checkpoint is saved when out is set). words: how
+    messages name the settings they suggest (CLI flags, or API arguments).
     """
     if resume and not out:
-        raise TrainingError("resume needs the run directory (--resume DIR)")
-    run_dir = RunDir(out, create=not resume) if out else None
+        raise TrainingError("resume needs the run directory (" + (
+            "out=DIR" if words.api else "--resume DIR") + ")")
+    run_dir = RunDir(out, create=not resume, words=words) if out else None
     try:  # the directory is locked before anything in it is read: see RunDir
         run = Run(run_dir, model_config, train_config, data, resume, overrides, init_from,
-                  force, quiet, callback, stream, stdout)
+                  force, quiet, callback, stream, stdout, words)
         try:
             run.loop()
         finally:
@@ -280,13 +304,13 @@ class Run:
     bookkeeping around it. The constructor is the setup; `loop` is the algorithm."""
 
     def __init__(self, run_dir, model_config, train_config, data, resume, overrides, init_from,
-                 force, quiet, callback, stream, stdout):
-        self.dir, self.quiet, self.callback = run_dir, quiet, callback
+                 force, quiet, callback, stream, stdout, words):
+        self.dir, self.quiet, self.callback, self.words = run_dir, quiet, callback, words
         self.stdout, self.stderr = stdout or sys.stdout, stream or sys.stderr
         out = run_dir.path if run_dir else None
         ckpt, changes = None, []
         if resume:
-            ckpt, tc, changes = _resume_point(run_dir, model_config, overrides or {})
+            ckpt, tc, changes = _resume_point(run_dir, model_config, overrides or {}, words)
             data = data or ckpt.trainer.get("data")
         else:
             tc = train_config or TrainConfig()
@@ -296,7 +320,8 @@ class Run:
         seed_ckpt = ckpt or (load_checkpoint(init_from) if init_from else None)
         self.corpus = _load_data(data, tc, self.rng, seed_ckpt, model_config)
         (self.config, self.params, self.opt_state, self.start,
-         self.best_val) = _starting_point(ckpt, seed_ckpt, model_config, self.corpus, self.rng)
+         self.best_val) = _starting_point(ckpt, seed_ckpt, model_config, self.corpus, self.rng,
+                                          words)
         if ckpt is not None and ckpt.trainer.get("sha256") not in (None, self.corpus.sha256):
             print(f"warning: {self.corpus.path} changed since the checkpoint was written; "
                   f"training continues on the new text, so it will not match the original run",
@@ -358,7 +383,8 @@ class Run:
             raise TrainingError(
                 f"the loss became {loss} at step {step + 1}; stopped without updating the "
                 f"weights" + (f" (the last good checkpoint, {self.dir.paths['last']}, is kept)"
-                              if self.dir else "") + "; try a lower --lr or --grad-clip 1.0")
+                              if self.dir else "") + f"; try a lower {self.words.flag('lr')} or "
+                f"{self.words.flag('grad_clip', 1.0)}")
 
     def update(self, lr: float) -> None:
         if self.split is None:  # (the split step has updated the weights already)
@@ -427,7 +453,7 @@ class Run:
         if self.stop_signal is not None:
             raise Interrupted(
                 f"interrupted at step {step + 1} of {self.tc.steps}; saved "
-                f"{self.dir.paths['last']}. Resume with: puregpt train --resume {self.dir.path}",
+                f"{self.dir.paths['last']}. Resume with: {self.words.resume(self.dir.path)}",
                 self.stop_signal)
         return True
 
@@ -461,17 +487,17 @@ class Run:
         if resume:
             message(f"resuming {out} at step {self.start}"
                     + (": changed " + "; ".join(changes) if changes else ""))
-        tc = self.tc
+        tc, w = self.tc, self.words
         if tc.warmup > tc.steps:
-            message(f"warning: --warmup {tc.warmup} exceeds --steps {tc.steps}: the learning "
-                    f"rate never reaches --lr {tc.lr:g} (it ends at "
+            message(f"warning: {w.flag('warmup', tc.warmup)} exceeds {w.flag('steps', tc.steps)}"
+                    f": the learning rate never reaches {w.flag('lr', tc.lr)} (it ends at "
                     f"{optim.lr_at(tc.steps - 1, tc):.3g})")
         seconds, step_seconds = self.estimate_seconds()
         if seconds > LONG_RUN_SECONDS:
             message(f"this run will take about {_clock(seconds)} ({tc.steps - self.start:,} "
-                    f"steps of {step_seconds:.2f} s, measured, with evaluations); fewer --steps "
-                    f"or a smaller model are faster, and Ctrl-C stops it with a checkpoint "
-                    f"that resumes")
+                    f"steps of {step_seconds:.2f} s, measured, with evaluations); fewer "
+                    f"{w.flag('steps')} or a smaller model are faster, and Ctrl-C stops it "
+                    f"with a checkpoint that resumes")
 
     def estimate_seconds(self) -> tuple[float, float]:
         """(the run's remaining time, one step's), estimated. Only a run that may be long is
@@ -513,9 +539,10 @@ class Run:
                     f"the validation loss grew at {EXPLODING_EVALS} evaluations in a row")
             self.warned = True
             if not self.quiet:
+                w = self.words
                 self.progress.message(
-                    f"warning: at step {step + 1} {what}: --lr {self.tc.lr:g} may be too high "
-                    f"(try --lr {self.tc.lr / 10:g}, or --grad-clip 1.0)")
+                    f"warning: at step {step + 1} {what}: {w.flag('lr', self.tc.lr)} may be too "
+                    f"high (try {w.flag('lr', self.tc.lr / 10)}, or {w.flag('grad_clip', 1.0)})")
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: stop now (checkpoints stay intact)
@@ -544,10 +571,12 @@ class Run:
                 run = shlex.quote(self.dir.path)
                 kept = "best.safetensors (the lowest validation loss), last.safetensors" \
                     if os.path.exists(self.dir.paths["best"]) else "last.safetensors"
+                nxt = (f"model = puregpt.load({self.dir.path!r}); puregpt.generate(model)"
+                       if self.words.api else
+                       f"puregpt sample {run}   (or: puregpt info {run}; puregpt train "
+                       f"--resume {run} --steps {tc.steps * 2} to train on)")
                 self.progress.message(f"saved in {self.dir.path}/: {kept}, metrics.jsonl, "
-                                      f"loss.svg\nnext: puregpt sample {run}   (or: puregpt "
-                                      f"info {run}; puregpt train --resume {run} --steps "
-                                      f"{tc.steps * 2} to train on)")
+                                      f"loss.svg\nnext: {nxt}")
         if samples:
             docs = self.corpus.mode == "docs"
             if not full:
@@ -567,7 +596,7 @@ class Run:
 # --- the run's setup, step by step -------------------------------------------------------------
 
 
-def _resume_point(run_dir, model_config, overrides: dict):
+def _resume_point(run_dir, model_config, overrides: dict, words: Words = CLI):
     """The checkpoint to resume, the training config with the overrides applied, and the
     changes made (allowed ones; any other is refused)."""
     out, last = run_dir.path, run_dir.paths["last"]
@@ -576,21 +605,21 @@ def _resume_point(run_dir, model_config, overrides: dict):
     ckpt = load_checkpoint(last)
     if ckpt.train_config is None or ckpt.optimizer is None or ckpt.rng_state is None:
         raise TrainingError(f"{last} has no training state (optimizer, RNG); it can seed a new "
-                            f"run with --init-from, not be resumed")
+                            f"run with {words.flag('init_from')}, not be resumed")
     if model_config is not None and model_config != ckpt.config:
         diff = [f"{k} {getattr(ckpt.config, k)!r} -> {getattr(model_config, k)!r}"
                 for k in ckpt.config.to_dict()
                 if getattr(ckpt.config, k) != getattr(model_config, k)]
         raise TrainingError("cannot resume with a different model: " + "; ".join(diff))
-    changes = _check_resume_changes(ckpt.train_config, overrides)
+    changes = _check_resume_changes(ckpt.train_config, overrides, words)
     tc = TrainConfig.from_dict({**ckpt.train_config.to_dict(), **overrides})
     if ckpt.step >= tc.steps:
         raise TrainingError(f"the run in {out} is already at step {ckpt.step} of {tc.steps}; "
-                            f"raise --steps to train further")
+                            f"raise {words.flag('steps')} to train further")
     return ckpt, tc, changes
 
 
-def _check_resume_changes(saved: TrainConfig, overrides: dict) -> list[str]:
+def _check_resume_changes(saved: TrainConfig, overrides: dict, words: Words = CLI) -> list[str]:
     """Changes of training settings on resume: the allowed ones are returned for reporting; any
     other is refused, since it would silently change the data order or the split."""
     changes, refused = [], []
@@ -603,7 +632,8 @@ def _check_resume_changes(saved: TrainConfig, overrides: dict) -> list[str]:
         raise TrainingError(
             "cannot resume with changed " + "; ".join(refused) + ": these decide the data order, "
             "the batches or the validation split, so the run would not continue itself. Start a "
-            "new run (optionally from these weights with --init-from DIR/last.safetensors).")
+            f"new run (optionally from these weights with {words.flag('init_from')} "
+            f"DIR/last.safetensors).")
     return changes
 
 
@@ -621,7 +651,7 @@ def _load_data(data, tc: TrainConfig, rng, seed_ckpt, model_config) -> Corpus:
         raise
 
 
-def _starting_point(ckpt, seed_ckpt, model_config, corpus: Corpus, rng):
+def _starting_point(ckpt, seed_ckpt, model_config, corpus: Corpus, rng, words: Words = CLI):
     """(config, params, optimizer state, first step, best validation loss so far): the resumed
     run's, a fine-tuned checkpoint's weights with a fresh optimizer, or new weights."""
     if ckpt is not None:  # resume
@@ -630,8 +660,8 @@ def _starting_point(ckpt, seed_ckpt, model_config, corpus: Corpus, rng):
                 ckpt.trainer.get("best_val"))
     if seed_ckpt is not None:  # --init-from
         if model_config is not None and model_config != seed_ckpt.config:
-            raise TrainingError("--init-from takes the model's shape from the checkpoint; do not "
-                                "pass model flags with it")
+            raise TrainingError(f"{words.flag('init_from')} takes the model's shape from the "
+                                f"checkpoint; do not pass model settings with it")
         config, params = seed_ckpt.config, seed_ckpt.params
     else:
         config = GPTConfig.from_dict({**(model_config or GPTConfig()).to_dict(),
@@ -706,23 +736,31 @@ class RunDir:
     data was refused, say) is removed again. Where flock does not exist (Windows), there is no
     lock."""
 
-    def __init__(self, out: str, create: bool):
-        self.path, self.paths = out, run_paths(out)
+    def __init__(self, out: str, create: bool, words: Words = CLI):
+        self.path, self.paths, self.words = out, run_paths(out), words
         self.created, self.metrics = False, None
         if not os.path.isdir(out):
             if os.path.lexists(out):
-                raise TrainingError(f"--out {out} exists and is not a directory")
+                raise TrainingError(f"{words.flag('out', out)} exists and is not a directory")
             if not create:
                 raise TrainingError(f"nothing to resume in {out}: no last.safetensors there")
-            os.makedirs(out)
-            self.created = True
-        self.lock = _lock_run(out)
+            parent = os.path.dirname(os.path.abspath(out))
+            os.makedirs(parent, exist_ok=True)
+            try:
+                os.mkdir(out)
+                self.created = True
+            except FileExistsError:  # another trainer made it just now: the lock decides
+                pass
+        self.lock = _lock_run(out, words)
 
     def refuse_to_replace(self) -> None:
         if os.path.exists(self.paths["last"]):
             step = load_checkpoint(self.paths["last"]).step
+            w = self.words
+            resume, force = ((w.resume(self.path), "force=True") if w.api else
+                             (f"--resume {self.path}", "--force"))
             raise TrainingError(f"{self.path} already holds a run (at step {step}): continue it "
-                                f"with --resume {self.path}, or choose another --out (or --force "
+                                f"with {resume}, or choose another {w.flag('out')} (or {force} "
                                 f"to replace it)")
 
     def begin(self, run_info: dict, resume: bool, start: int, snapshot) -> None:
@@ -770,7 +808,7 @@ class RunDir:
             os.rmdir(self.path)
 
 
-def _lock_run(out: str) -> int | None:
+def _lock_run(out: str, words: Words = CLI) -> int | None:
     """Refuse to train into a directory another puregpt process is training in: their writes
     would interleave. The lock is an flock on DIR/.lock, held through the returned descriptor
     until _unlock_run (closing it releases the lock, as does the process's end, however it
@@ -787,7 +825,8 @@ def _lock_run(out: str) -> int | None:
         except OSError:
             os.close(fd)
             raise TrainingError(f"another puregpt process is training in {out}; wait for it to "
-                                f"finish or stop it (its checkpoint then resumes with --resume)")
+                                f"finish or stop it (its checkpoint then resumes with "
+                                f"{words.resume(out)})")
         try:  # the file we locked may have been removed by the trainer that held it: retry
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break

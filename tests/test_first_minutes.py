@@ -264,3 +264,17 @@ def test_the_gpt2_preset_measures_its_run_before_starting(tmp_path):
     tokens = chosen["train"]["batch_size"] * chosen["model"]["block_size"]
     assert 6 * params * tokens * 1000 >= train_module.LONG_RUN_SECONDS * 50e6 / 4
     assert build_parser()  # (the parser builds with every preset's defaults)
+
+
+def test_api_errors_name_the_apis_own_arguments(tmp_path):
+    data = str(names_file(tmp_path, 100))
+    out = str(tmp_path / "r")
+    puregpt.train(data, steps=2, n_embd=8, n_head=2, out=out, workers=1)
+    with pytest.raises(train_module.TrainingError) as e:
+        puregpt.train(data, steps=2, out=out)
+    assert f"continue it with puregpt.train(out={out!r}, resume=True)" in str(e.value)
+    assert "(or force=True to replace it)" in str(e.value) and "--" not in str(e.value)
+    with pytest.raises(train_module.TrainingError, match="raise steps to train further"):
+        puregpt.train(out=out, resume=True)
+    replaced = puregpt.train(data, steps=3, n_embd=8, n_head=2, out=out, workers=1, force=True)
+    assert replaced.step == 3
