@@ -239,7 +239,7 @@ def test_a_growing_validation_loss_prints_one_warning(tmp_path):
     run = train_module.Run.__new__(train_module.Run)  # only watch_loss's own state
     out = io.StringIO()
     run.first_loss, run.vals, run.warned, run.quiet = None, [], False, False
-    run.tc = TrainConfig(lr=0.5)
+    run.tc, run.words = TrainConfig(lr=0.5), train_module.CLI
     run.progress = train_module.Progress(run.tc, 0, False, stream=out)
     for step, val in enumerate([2.0, 2.1, 2.2, 2.3]):
         run.watch_loss(step, 2.0, val)
