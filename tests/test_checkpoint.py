@@ -235,7 +235,8 @@ def corruptions(raw: bytes):
            f"header claims {2 ** 63} bytes")
     yield ("header not JSON", struct.pack("<Q", 6) + b"{oops}", "bad header: it is not valid JSON")
     yield ("header not UTF-8", struct.pack("<Q", 4) + b"\xff\xfe{}", "bad header: not valid JSON")
-    yield ("header not UTF-8 inside", struct.pack("<Q", 3) + b"{\xff}", "bad header: it is not UTF-8")
+    yield ("header not UTF-8 inside", struct.pack("<Q", 3) + b"{\xff}",
+           "bad header: it is not UTF-8")
     yield ("header a JSON list", struct.pack("<Q", 2) + b"[]",
            "bad header: not valid JSON or not a JSON object (expected a JSON object")
     yield ("header a JSON string", struct.pack("<Q", 4) + b'"hi"',
