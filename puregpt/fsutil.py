@@ -102,10 +102,16 @@ def read_limited(path: str, limit: int) -> bytes:
     with f:
         if size > limit:
             raise InputError(f"is {size:,} bytes, more than the limit of {limit:,}")
-        data = f.read(limit + 1)  # a file that grows while read (or a /proc file) stops here
-    if len(data) > limit:
+        # read(n) allocates n bytes at once: ask for what the file holds, then (a file growing
+        # while read, a /proc file of size 0) go on in chunks, no further than the limit
+        chunks = [f.read(size + 1)]
+        total = len(chunks[0])
+        while chunks[-1] and total <= limit:
+            chunks.append(f.read(min(1 << 20, limit + 1 - total)))
+            total += len(chunks[-1])
+    if total > limit:
         raise InputError(f"holds more than the limit of {limit:,} bytes")
-    return data
+    return b"".join(chunks)
 
 
 def _number(convert):
