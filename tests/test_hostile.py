@@ -272,6 +272,9 @@ def test_b2_error_messages_stay_short(raw, tmp_path):
     assert "and 19,992 more" in msg
     path = rewrite(raw, tmp_path, edit_json("config", lambda c: c.update(pos="x" * 10 ** 6)))
     refused(path, "GPTConfig.pos must be one of learned, sinusoidal, none; got 'xxxxxx")
+    # found by the fuzzer: an unknown tokenizer kind was quoted whole (a 60 KB message)
+    path = rewrite(raw, tmp_path, edit_json("tokenizer", lambda t: t.update(kind=[0] * 20000)))
+    refused(path, "unknown tokenizer kind [0, 0, 0, 0, 0, 0, ...]")
 
 
 # --- B3: every malformed checkpoint raises CheckpointError ------------------------------------
