@@ -399,12 +399,13 @@ def _load(f, path: str, size: int) -> Checkpoint:
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {tokenizer.vocab_size} tokens but "
                               f"the config says vocab_size={config.vocab_size}")
-    from .model import num_params_of, param_shapes
+    from .model import check_size, num_params_of, param_shapes
     # the config's size against the file's, by arithmetic alone (model.num_params_of)
     need = num_params_of(config)
     held = sum(math.prod(info["shape"]) for name, info in tensors.items()
                if not name.startswith("optim."))
     try:
+        check_size(config)
         # the dict has at most ~20 entries per layer, and MODEL_LIMITS bounds the layers: it is
         # affordable even when the config is too big for the file (to name what is missing)
         shapes = param_shapes(config)

@@ -39,9 +39,9 @@ MODEL_LIMITS: dict[str, int | float] = {
     "n_embd": 2 ** 16,  # 65,536 (n_head divides it, so it is bounded too)
     "init_std": 100.0,  # larger weights overflow the forward pass (see checkpoint.MAX_WEIGHT)
 }
-# The whole model: model.num_params_of(config) parameters at most (checked by model.param_shapes,
-# before anything is built; config cannot import model). 2**31 = 2.1 billion: GPT-2 XL (1.5B)
-# fits; as Python floats that many need ~64 GB.
+# The whole model: model.num_params_of(config) parameters at most (model.check_size, called by
+# init_params and the loaders before anything is built; config cannot import model). 2**31 = 2.1
+# billion: GPT-2 XL (1.5B) fits; as Python floats that many need ~64 GB.
 MAX_PARAMS = 2 ** 31
 TRAIN_LIMITS: dict[str, int | float] = {
     "batch_size": 2 ** 16,  # sequences per micro-batch (each held in memory with its activations)

@@ -568,76 +568,86 @@ def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokeni
 def _read_weights(path: str, config: GPTConfig) -> dict:
     """puregpt's parameters from a GPT-2 model.safetensors, one tensor at a time (seek + read),
     each converted straight into puregpt's layout."""
+    f, size = _open_weights(path)
+    with f:
+        header, data_start = read_header(f, path, size)
+        tensors = {}  # name without "transformer." -> (name in the file, header entry)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            short = name[len("transformer."):] if name.startswith("transformer.") else name
+            if _BUFFER.fullmatch(short):
+                continue
+            if short in tensors:
+                raise CheckpointError(f"{path}: tensor {brief(short)} appears twice "
+                                      f"({brief(tensors[short][0])} and {brief(name)})")
+            tensors[short] = (name, info)
+        too_big = _too_big(config, tensors)
+        layout = _layout(config)
+        expected = {name for name, *_ in layout}
+        optional = {"lm_head.weight"} if config.tie_embeddings else set()
+        missing = [_file_name(n) for n, *_ in layout if n not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: {too_big}missing tensors: {brief_names(missing)}")
+        unexpected = sorted(tensors[n][0] for n in set(tensors) - expected - optional)
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected tensors (not part of a GPT-2 "
+                                  f"GPT2LMHeadModel): {brief_names(unexpected)}")
+        shapes = [(n, s) for n, s, *_ in layout]
+        if "lm_head.weight" in tensors and config.tie_embeddings:
+            shapes.append(("lm_head.weight", (config.vocab_size, config.n_embd)))
+        bad = [f"{tensors[n][0]}: expected {list(s)}, found {brief(tensors[n][1]['shape'])}"
+               for n, s in shapes if tuple(tensors[n][1]["shape"]) != s]
+        if bad:
+            raise CheckpointError(f"{path}: {too_big}tensor shapes do not match config.json ("
+                                  f"n_embd={config.n_embd}, n_layer={config.n_layer}, n_positions="
+                                  f"{config.block_size}, vocab_size={config.vocab_size}):\n  "
+                                  + "\n  ".join(bad[:8]) + _more(bad, 8))
+        if too_big:  # (the checks above name what is wrong first: this is the backstop)
+            raise CheckpointError(f"{path}: {too_big.removesuffix(': ')}")
+        params = {}
+        for name, shape, how, names in layout:
+            values = read_tensor(f, tensors[name][1], data_start, path, tensors[name][0])
+            params.update(_from_hf(how, values, shape, names, config))
+        if "lm_head.weight" in tensors and config.tie_embeddings:
+            name = tensors["lm_head.weight"][0]
+            head = read_tensor(f, tensors["lm_head.weight"][1], data_start, path, name)
+            C = config.n_embd
+            if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
+                raise CheckpointError(
+                    f"{path}: {name} differs from {tensors['wte.weight'][0]} but config.json "
+                    f"ties them (tie_word_embeddings is true or absent); set "
+                    f"\"tie_word_embeddings\": false to import the separate head")
+    shapes = param_shapes(config)
+    assert set(params) == set(shapes), (sorted(params), sorted(shapes))
+    return {name: params[name] for name in shapes}  # puregpt's order
+
+
+def _open_weights(path: str):
+    """(file, size) of model.safetensors; a FIFO, a device or an unreadable file is a
+    CheckpointError naming it."""
     try:
-        f, size = open_regular(path)
-        with f:
-            return _weights_from(f, size, path, config)
+        return open_regular(path)
     except InputError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def _weights_from(f, size: int, path: str, config: GPTConfig) -> dict:
-    header, data_start = read_header(f, path, size)
-    tensors = {}  # name without "transformer." -> (name in the file, header entry)
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        short = name[len("transformer."):] if name.startswith("transformer.") else name
-        if _BUFFER.fullmatch(short):
-            continue
-        if short in tensors:
-            raise CheckpointError(f"{path}: tensor {brief(short)} appears twice "
-                                  f"({brief(tensors[short][0])} and {brief(name)})")
-        tensors[short] = (name, info)
-    # config.json's size against the file's, by arithmetic; the layout below is small whatever
-    # the file (MODEL_LIMITS bound n_layer) and names what is missing or misshapen
+def _too_big(config: GPTConfig, tensors: dict) -> str:
+    """"" when the file's tensors hold at least the parameters config.json describes (counted by
+    arithmetic, before the layout is built), else the start of a message saying so. (The layout
+    stays small whatever the file: MODEL_LIMITS bound n_layer; it names what is missing.)"""
     need = num_params_of(config)
     held = sum(math.prod(info["shape"]) for _, info in tensors.values())
-    too_big = "" if need <= held else (
+    return "" if need <= held else (
         f"config.json describes a model of {need:,} parameters (n_layer={config.n_layer}, "
         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, n_positions="
         f"{config.block_size}) but the file's tensors hold only {held:,} values: ")
-    layout = _layout(config)
-    expected = {name for name, *_ in layout}
-    optional = {"lm_head.weight"} if config.tie_embeddings else set()
-    missing = [_file_name(n) for n, *_ in layout if n not in tensors]
-    if missing:
-        raise CheckpointError(f"{path}: {too_big}missing tensors: {brief_names(missing)}")
-    unexpected = sorted(tensors[n][0] for n in set(tensors) - expected - optional)
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors (not part of a GPT-2 "
-                              f"GPT2LMHeadModel): {brief_names(unexpected)}")
-    shapes = [(n, s) for n, s, *_ in layout]
-    if "lm_head.weight" in tensors and config.tie_embeddings:
-        shapes.append(("lm_head.weight", (config.vocab_size, config.n_embd)))
-    bad = [f"{tensors[n][0]}: expected {list(s)}, found {brief(tensors[n][1]['shape'])}"
-           for n, s in shapes if tuple(tensors[n][1]["shape"]) != s]
-    if bad:
-        raise CheckpointError(f"{path}: {too_big}tensor shapes do not match config.json (n_embd="
-                              f"{config.n_embd}, n_layer={config.n_layer}, n_positions="
-                              f"{config.block_size}, vocab_size={config.vocab_size}):\n  "
-                              + "\n  ".join(bad[:8])
-                              + (f"\n  and {len(bad) - 8} more" if len(bad) > 8 else ""))
-    if too_big:  # (not reached while the names and shapes checks above are complete)
-        raise CheckpointError(f"{path}: {too_big.removesuffix(': ')}")
-    params = {}
-    for name, shape, how, names in layout:
-        values = read_tensor(f, tensors[name][1], data_start, path, tensors[name][0])
-        params.update(_from_hf(how, values, shape, names, config))
-    if "lm_head.weight" in tensors and config.tie_embeddings:
-        name = tensors["lm_head.weight"][0]
-        head = read_tensor(f, tensors["lm_head.weight"][1], data_start, path, name)
-        C = config.n_embd
-        if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
-            raise CheckpointError(
-                f"{path}: {name} differs from {tensors['wte.weight'][0]} but config.json "
-                f"ties them (tie_word_embeddings is true or absent); set "
-                f"\"tie_word_embeddings\": false to import the separate head")
-    shapes = param_shapes(config)
-    assert set(params) == set(shapes), (sorted(params), sorted(shapes))
-    return {name: params[name] for name in shapes}  # puregpt's order
+
+
+def _more(items: list, shown: int) -> str:
+    return f"\n  and {len(items) - shown} more" if len(items) > shown else ""
 
 
 def import_hf(hf_dir) -> Checkpoint:

@@ -46,7 +46,8 @@ def num_params_of(config: GPTConfig) -> int:
 
 
 def check_size(config: GPTConfig) -> None:
-    """Refuse (ConfigError) a model of more than config.MAX_PARAMS parameters."""
+    """Refuse (ConfigError) a model of more than config.MAX_PARAMS parameters (init_params and
+    the loaders call it before building anything)."""
     n = num_params_of(config)
     if n > MAX_PARAMS:
         raise ConfigError(f"this model would have {n:,} parameters (n_layer={config.n_layer}, "
@@ -55,9 +56,7 @@ def check_size(config: GPTConfig) -> None:
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape, in initialization order (microgpt's draw order for weights).
-    A model beyond config.MAX_PARAMS is refused first (check_size)."""
-    check_size(config)
+    """Every parameter's shape, in initialization order (microgpt's draw order for weights)."""
     V, C, L = config.vocab_size, config.n_embd, config.n_layer
     shapes = {"wte": (V, C)}
     if config.pos == "learned":
@@ -96,7 +95,9 @@ def init_params(config: GPTConfig, rng: random.Random) -> dict:
 
     With scaled_init, the projections into the residual stream (attn_wo, mlp_fc2) use
     init_std / sqrt(2 n_layer), as GPT-2 does, so the stream's variance does not grow with depth.
+    A model beyond config.MAX_PARAMS is refused first (check_size), before anything is drawn.
     """
+    check_size(config)
     params = {}
     for name, shape in param_shapes(config).items():
         if len(shape) == 1:
