@@ -640,10 +640,8 @@ def _too_big(config: GPTConfig, tensors: dict) -> str:
     stays small whatever the file: MODEL_LIMITS bound n_layer; it names what is missing.)"""
     need = num_params_of(config)
     held = sum(math.prod(info["shape"]) for _, info in tensors.values())
-    return "" if need <= held else (
-        f"config.json describes a model of {need:,} parameters (n_layer={config.n_layer}, "
-        f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, n_positions="
-        f"{config.block_size}) but the file's tensors hold only {held:,} values: ")
+    return "" if need <= held else (f"config.json describes a model of {need:,} parameters but "
+                                    f"the file's tensors hold only {held:,} values: ")
 
 
 def _more(items: list, shown: int) -> str:

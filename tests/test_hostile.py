@@ -199,7 +199,8 @@ def _hf_dir(tmp_path):
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("n_layer", "1000000", "n_layer=1000000 is above puregpt's limit of 1,024 (for its n_layer)"),
-    ("n_layer", "1000", "config.json describes a model of 872,136 parameters (n_layer=1000"),
+    ("n_layer", "1000", "config.json describes a model of 872,136 parameters but the file's "
+                        "tensors hold only 1,"),
     ("n_positions", "100000000", "n_positions=100000000 is above puregpt's limit of 131,072 (for "
                                  "its block_size)"),
     ("vocab_size", "1000000000000", "vocab_size=1000000000000 is above"),
