@@ -31,7 +31,7 @@ from .config import MAX_PARAMS, ConfigError, GPTConfig
 def num_params_of(config: GPTConfig) -> int:
     """How many parameters param_shapes(config) describes, by arithmetic alone (no dict of
     n_layer entries): sizes are checked with it before anything is built. It must follow
-    param_shapes term for term (tests/test_checkpoint.py compares them over many configs)."""
+    param_shapes term for term (tests/test_hostile.py compares them over many configs)."""
     V, C, L = config.vocab_size, config.n_embd, config.n_layer
     norm = C * (2 if config.norm == "layernorm" else 1) if config.norm_affine else 0
     n = V * C  # wte
