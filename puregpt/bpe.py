@@ -34,11 +34,14 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
+from .fsutil import InputError, brief, parse_json, read_limited
+
 # Unicode's White_Space property: exactly what `\s` matches in `regex` and Oniguruma (see above).
 _WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
                          "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe; case-sensitive
 _CACHE_LIMIT = 100_000  # encode's per-piece cache is cleared when it grows past this
+MAX_TOKENIZER_FILE = 64 * 1024 * 1024  # vocab.json / merges.txt (GPT-2's: 1 MB and 0.5 MB)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -126,11 +129,11 @@ def _merge(word: list, a, b, new) -> list:
 def _check_merge(encoder: dict[str, int], merge, where: str) -> tuple[str, str]:
     if not (isinstance(merge, (list, tuple)) and len(merge) == 2
             and all(isinstance(t, str) and t for t in merge)):
-        raise ValueError(f"{where}: a merge is a pair of non-empty strings, got {merge!r}")
+        raise ValueError(f"{where}: a merge is a pair of non-empty strings, got {brief(merge)}")
     for tok in (merge[0], merge[1], merge[0] + merge[1]):
         if tok not in encoder:
-            raise ValueError(f"{where}: merge {merge[0]!r} + {merge[1]!r} uses token {tok!r}, "
-                             "which is not in the vocabulary")
+            raise ValueError(f"{where}: merge {brief(merge[0])} + {brief(merge[1])} uses token "
+                             f"{brief(tok)}, which is not in the vocabulary")
     return merge[0], merge[1]
 
 
@@ -143,16 +146,18 @@ class BPETokenizer:
             raise ValueError("the encoder must be a non-empty dict of token string -> id")
         for tok, i in encoder.items():
             if not isinstance(tok, str) or not tok or type(i) is not int:
-                raise ValueError(f"encoder entries are non-empty str -> int, got {tok!r}: {i!r}")
+                raise ValueError(f"encoder entries are non-empty str -> int, got {brief(tok)}: "
+                                 f"{brief(i)}")
         ids = sorted(encoder.values())
         if ids != list(range(len(ids))):
             dup = sorted(i for i, c in Counter(ids).items() if c > 1)
             missing = sorted(set(range(len(ids))) - set(ids))
             outside = [i for i in ids if not 0 <= i < len(ids)]
-            raise ValueError(f"token ids must be 0..n-1, each used once (duplicated: {dup[:10]}, "
-                             f"missing: {missing[:10]}, out of range: {outside[:10]})")
+            raise ValueError(f"token ids must be 0..n-1, each used once (duplicated: "
+                             f"{brief(dup[:10])}, missing: {brief(missing[:10])}, out of range: "
+                             f"{brief(outside[:10])})")
         if bos_token not in encoder:
-            raise ValueError(f"the BOS token {bos_token!r} is not in the vocabulary")
+            raise ValueError(f"the BOS token {brief(bos_token)} is not in the vocabulary")
         absent = [c for c in _BYTE_TO_CHAR.values() if c not in encoder]
         if absent:
             raise ValueError(f"a byte-level vocabulary needs all 256 byte tokens; missing {absent}")
@@ -160,9 +165,9 @@ class BPETokenizer:
         self.merges = [_check_merge(encoder, m, f"merge #{r}") for r, m in enumerate(merges)]
         if len(set(self.merges)) != len(self.merges):
             dup = next(m for m, c in Counter(self.merges).items() if c > 1)
-            raise ValueError(f"merge {dup[0]!r} + {dup[1]!r} is listed more than once")
+            raise ValueError(f"merge {brief(dup[0])} + {brief(dup[1])} is listed more than once")
         if bos_token in _CHAR_TO_BYTE or any(a + b == bos_token for a, b in self.merges):
-            raise ValueError(f"the BOS token {bos_token!r} must not be one BPE can produce")
+            raise ValueError(f"the BOS token {brief(bos_token)} must not be one BPE can produce")
         self.bos_token = bos_token
         self.bos = encoder[bos_token]
         self.vocab_size = len(encoder)
@@ -236,10 +241,10 @@ class BPETokenizer:
     def from_dict(cls, d: dict) -> "BPETokenizer":
         keys = {"kind", "encoder", "merges", "bos_token"}
         if not isinstance(d, dict) or set(d) != keys:
-            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            got = brief(sorted(d)) if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"a BPE tokenizer is stored as a dict with keys {sorted(keys)}, got {got}")
         if d["kind"] != "bpe":
-            raise ValueError(f"expected kind 'bpe', got {d['kind']!r}")
+            raise ValueError(f"expected kind 'bpe', got {brief(d['kind'])}")
         if not isinstance(d["merges"], list) or not isinstance(d["bos_token"], str):
             raise ValueError("'merges' must be a list of [a, b] pairs and 'bos_token' a string")
         return cls(d["encoder"], d["merges"], d["bos_token"])
@@ -251,25 +256,31 @@ class BPETokenizer:
         texts = []
         for path in (vocab_json_path, merges_txt_path):
             try:
-                with open(path, encoding="utf-8") as f:
-                    texts.append(f.read())
+                texts.append(read_limited(path, MAX_TOKENIZER_FILE))
             except FileNotFoundError:
                 raise FileNotFoundError(f"tokenizer file not found: {path}") from None
+            except InputError as e:  # a FIFO, a device, a directory, a huge file
+                raise ValueError(f"{path} {e}") from None
         try:
-            encoder = json.loads(texts[0])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{vocab_json_path} is not valid JSON: {e}") from None
+            encoder = parse_json(texts[0])
+            merges_text = texts[1].decode("utf-8")
+        except InputError as e:
+            raise ValueError(f"{vocab_json_path} {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges_txt_path} is not UTF-8 ({e.reason} at byte "
+                             f"{e.start})") from None
         if not isinstance(encoder, dict):
             raise ValueError(f"{vocab_json_path} must hold a JSON object of token -> id")
         merges = []
-        for lineno, line in enumerate(texts[1].split("\n"), start=1):
+        for lineno, line in enumerate(merges_text.split("\n"), start=1):
             line = line.rstrip("\r")
             if not line or (lineno == 1 and line.startswith("#version")):
                 continue
             where = f"{merges_txt_path} line {lineno}"
             parts = line.split(" ")
             if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{where}: expected two tokens separated by one space, got {line!r}")
+                raise ValueError(f"{where}: expected two tokens separated by one space, got "
+                                 f"{brief(line)}")
             merges.append(_check_merge(encoder, parts, where))
         try:
             return cls(encoder, merges, bos_token)

@@ -5,33 +5,53 @@ json and array. Loading a file never runs code (no pickle).
     N bytes       JSON: {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}
     the rest      raw little-endian tensor data; data_offsets are [begin, end) within it
 
-A puregpt checkpoint's metadata holds the format name and version, the model config, the
-vocabulary, the step, and (for training) the train config, optimizer step, RNG state and trainer
-state. Weights are F64 (Python floats, bit for bit); Adam's moments are stored as tensors named
-"optim.m.<param>" and "optim.v.<param>".
+A puregpt checkpoint's metadata holds the format name and version, a checksum, the model config,
+the vocabulary, the step, and (for training) the train config, optimizer step, RNG state and
+trainer state. Weights are F64 (Python floats, bit for bit); Adam's moments are stored as tensors
+named "optim.m.<param>" and "optim.v.<param>".
+
+Loading trusts nothing in the file: every problem is a CheckpointError naming the file. Sizes are
+checked against the file's size and puregpt's limits before anything is allocated (a 40 KB file
+cannot make it build a million layers), the JSON is parsed within bounds (fsutil.parse_json), the
+checksum is verified before the metadata is interpreted, every metadata entry is validated, and
+weights must be finite and below MAX_WEIGHT in magnitude, so a model that loads also samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import struct
 import sys
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from itertools import chain
 
-from .config import GPTConfig, TrainConfig
-from .fsutil import atomic_write
+from .config import ADDED_MODEL_FIELDS, ADDED_TRAIN_FIELDS, ConfigError, GPTConfig, TrainConfig
+from .fsutil import InputError, atomic_write, brief, brief_names, open_regular, parse_json
 from .tokenizer import tokenizer_from_dict
 
 FORMAT = "puregpt"
 FORMAT_VERSION = 1
-MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+# The header (tensor index + metadata) at most: a 256k-token BPE vocabulary needs ~16 MB of it.
+# (The safetensors library allows 100 MB; a longer header is refused before it is read.)
+MAX_HEADER = 64 * 1024 * 1024
 
 # dtype -> (bytes per element, array typecode or None when array cannot hold it directly)
 DTYPES = {"F64": (8, "d"), "F32": (4, "f"), "F16": (2, None), "BF16": (2, None)}
+
+# A weight must be smaller than this in magnitude (and finite). Trained weights are below ~100;
+# with weights below 2**65 every activation stays below ~1e150 even at the largest sizes
+# config.MODEL_LIMITS allows (65,536 wide, 1,024 layers), so sampling and scoring never overflow.
+# A bigger value is damage (one flipped exponent bit turns 0.05 into 1e+153).
+MAX_WEIGHT = 2.0 ** 65
+
+CHECKSUM = "checksum"  # the metadata entry; see content_checksum
+_CHECKSUM_PLACEHOLDER = "sha256:" + "0" * 64  # written first, replaced once the data is hashed
 
 
 class CheckpointError(ValueError):
@@ -56,35 +76,67 @@ def _to_bytes(values, typecode: str) -> bytes:
     return a.tobytes()
 
 
-def safetensors_chunks(tensors: dict, metadata: dict[str, str]):
-    """Byte chunks of a safetensors file holding `tensors` (name -> matrix or vector) as F64."""
+def _header_blob(tensors: dict, metadata: dict[str, str]) -> bytes:
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
         n = len(t) * (len(t[0]) if t and isinstance(t[0], list) else 1)
         header[name] = {"dtype": "F64", "shape": _shape(t), "data_offsets": [offset, offset + 8 * n]}
         offset += 8 * n
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned, as the spec allows
+    return blob + b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned (spec allows)
+
+
+def _data_chunks(tensors: dict, hashes: dict | None = None):
+    """Each tensor's F64 bytes; with `hashes`, records name -> [dtype, shape, sha256 hex] of each
+    as it streams past (no second copy of the data is kept)."""
+    for name, t in tensors.items():
+        data = _to_bytes(_flatten(t), "d")
+        if hashes is not None:
+            hashes[name] = ["F64", _shape(t), hashlib.sha256(data).hexdigest()]
+        yield data
+
+
+def safetensors_chunks(tensors: dict, metadata: dict[str, str]):
+    """Byte chunks of a safetensors file holding `tensors` (name -> matrix or vector) as F64."""
+    blob = _header_blob(tensors, metadata)
     yield struct.pack("<Q", len(blob))
     yield blob
-    for t in tensors.values():
-        yield _to_bytes(_flatten(t), "d")
+    yield from _data_chunks(tensors)
+
+
+def content_checksum(metadata: dict[str, str], tensors: dict[str, list]) -> str:
+    """The "checksum" metadata entry: "sha256:" + the SHA-256 (hex) of the compact, key-sorted
+    JSON {"metadata": every other metadata entry, "tensors": {name: [dtype, shape, SHA-256 hex of
+    the tensor's bytes]}}. It covers what every byte means, not the file's layout: a tool that
+    reorders the tensors (as the safetensors library does) keeps it valid."""
+    summary = {"metadata": {k: v for k, v in metadata.items() if k != CHECKSUM},
+               "tensors": tensors}
+    text = json.dumps(summary, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_header(f, path: str, file_size: int) -> tuple[dict, int]:
-    """Parse and validate the header; returns (header, offset where tensor data starts)."""
+    """Parse and validate the header; returns (header, offset where tensor data starts). Every
+    size it declares is checked against the file's size before anything of that size exists."""
     raw = f.read(8)
     if len(raw) < 8:
         raise CheckpointError(f"{path}: truncated file ({file_size} bytes): no header length")
     (n,) = struct.unpack("<Q", raw)
     if n > MAX_HEADER or 8 + n > file_size:
+        limit = (f" (and puregpt reads headers of at most {MAX_HEADER:,})"
+                 if n > MAX_HEADER else "")
         raise CheckpointError(f"{path}: header claims {n} bytes but the file has only "
-                              f"{file_size - 8} after the length field (truncated or not "
+                              f"{file_size - 8} after the length field{limit} (truncated or not "
                               f"a safetensors file)")
+    first = f.read(1)
+    if first != b"{":  # as the safetensors library requires; a sparse file's zeros stop here
+        raise CheckpointError(f"{path}: bad header: not valid JSON or not a JSON object "
+                              f"(expected a JSON object, starting with '{{'; found "
+                              f"{brief(first)})")
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: bad header: not valid JSON ({e})") from None
+        header = parse_json(first + f.read(n - 1))
+    except InputError as e:
+        raise CheckpointError(f"{path}: bad header: it {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: bad header: expected a JSON object")
     data_size = file_size - 8 - n
@@ -94,32 +146,34 @@ def read_header(f, path: str, file_size: int) -> tuple[dict, int]:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise CheckpointError(f"{path}: bad header: __metadata__ must map str to str")
             continue
+        what = f"{path}: tensor {brief(name)}"
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise CheckpointError(f"{path}: bad header entry for tensor {name!r}")
+            raise CheckpointError(f"{path}: bad header entry for tensor {brief(name)}")
         if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; "
+            raise CheckpointError(f"{what} has dtype {brief(info['dtype'])}; "
                                   f"supported: {', '.join(DTYPES)}")
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+            raise CheckpointError(f"{what} has a bad shape {brief(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-            raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r} "
+            raise CheckpointError(f"{what} has bad data_offsets {brief(offsets)} "
                                   f"(expected [begin, end])")
         begin, end = offsets
-        if end - begin != math.prod(shape) * DTYPES[info["dtype"]][0] or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r}: offsets {begin}..{end} do not "
-                                  f"match shape {shape} of {info['dtype']}")
         if end > data_size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} of the data but "
+            raise CheckpointError(f"{what} ends at byte {end} of the data but "
                                   f"the file holds only {data_size} (truncated file)")
+        elements = _elements(shape, data_size)
+        if elements is None or end - begin != elements * DTYPES[info["dtype"]][0]:
+            raise CheckpointError(f"{what}: offsets {begin}..{end} do not "
+                                  f"match shape {brief(shape)} of {info['dtype']}")
         spans.append((begin, end, name))
     # as the format requires (and the safetensors library checks): the tensors tile the data
     # exactly, without gaps or overlaps, and nothing follows the last one
     at = 0
     for begin, end, name in sorted(spans):
         if begin != at:
-            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, "
-                                  f"expected {at} (tensors overlap or leave a gap)")
+            raise CheckpointError(f"{path}: tensor {brief(name)} starts at byte {begin} of the "
+                                  f"data, expected {at} (tensors overlap or leave a gap)")
         at = end
     if at != data_size:
         raise CheckpointError(f"{path}: {data_size - at} bytes after the last tensor's data "
@@ -131,12 +185,21 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def read_values(f, info: dict, data_start: int) -> list[float]:
-    """One tensor's values as a flat list of Python floats, converting F32/F16/BF16 exactly."""
-    begin, end = info["data_offsets"]
-    f.seek(data_start + begin)
-    raw = f.read(end - begin)
-    dtype = info["dtype"]
+def _elements(shape: list[int], data_size: int) -> int | None:
+    """The number of elements of a shape, or None once it exceeds what data_size bytes could
+    hold (so a shape of many huge dimensions costs no big-number arithmetic)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > data_size:
+            return None
+    return n
+
+
+def _decode(raw: bytes, dtype: str) -> list[float]:
+    """A tensor's little-endian bytes as a flat list of Python floats (F32/F16/BF16 exactly)."""
     if dtype == "F16":
         return list(struct.unpack(f"<{len(raw) // 2}e", raw))
     if dtype == "BF16":  # bfloat16 is the top half of a float32: shift it back into place
@@ -145,7 +208,6 @@ def read_values(f, info: dict, data_start: int) -> list[float]:
         if sys.byteorder == "big":
             halves.byteswap()
         raw = array("I", [h << 16 for h in halves]).tobytes()
-        dtype = "F32"
         vals = array("f")
         vals.frombytes(raw)
         return vals.tolist()
@@ -156,11 +218,69 @@ def read_values(f, info: dict, data_start: int) -> list[float]:
     return vals.tolist()
 
 
+def _read_exactly(f, offset: int, n: int, path: str, chunk: int = 1 << 20):
+    """The n bytes at offset, in chunks of at most `chunk`."""
+    f.seek(offset)
+    while n > 0:
+        data = f.read(min(n, chunk))
+        if not data:
+            raise CheckpointError(f"{path}: the file ended early (changed while being read?)")
+        n -= len(data)
+        yield data
+
+
+def _top_bytes_table(flag) -> bytes:
+    return bytes(int(bool(flag(b))) for b in range(256))
+
+
+# kind -> (flags over each float64's top byte, sign + 7 exponent bits: a cheap superset of the bad
+# values, scanned at C speed; the exact test; what a bad finite value is, and why)
+VALUE_RULES = {
+    "weight": (_top_bytes_table(lambda b: (b & 0x7F) >= 0x44),  # exponent >= 1088: |x| >= 2**65
+               lambda x: abs(x) < MAX_WEIGHT, "too large for a weight",
+               "; puregpt accepts magnitudes below 2**65, about 3.7e19: beyond, the forward pass "
+               "can overflow"),
+    "moment": (_top_bytes_table(lambda b: (b & 0x7F) == 0x7F), math.isfinite, "", ""),
+    "second moment": (_top_bytes_table(lambda b: b >= 0x80 or (b & 0x7F) == 0x7F),
+                      lambda x: 0.0 <= x < math.inf, "negative",
+                      "; Adam's second moment is a mean of squares"),
+}
+
+
+def bad_value(values: list[float], kind: str, raw_f64: bytes | None = None) -> str | None:
+    """None when every value suits `kind` (see VALUE_RULES), else which is the first bad one and
+    why. raw_f64: the values' little-endian float64 bytes, when at hand (saves converting)."""
+    flags, ok, what, why = VALUE_RULES[kind]
+    if raw_f64 is None:
+        raw_f64 = _to_bytes(values, "d")
+    if 1 not in raw_f64[7::8].translate(flags):  # the fast path: nothing even suspicious
+        return None
+    for i, x in enumerate(values):
+        if not ok(x):
+            if not math.isfinite(x):
+                return f"a value that is not finite ({x!r} at index {i})"
+            return f"a value that is {what} ({x!r} at index {i}{why})"
+    return None
+
+
+def read_tensor(f, info: dict, data_start: int, path: str, name: str,
+                kind: str = "weight") -> list[float]:
+    """One tensor's values as a flat list of Python floats, checked (bad_value): a bad value is a
+    CheckpointError naming the tensor."""
+    begin, end = info["data_offsets"]
+    raw = b"".join(_read_exactly(f, data_start + begin, end - begin, path))
+    values = _decode(raw, info["dtype"])
+    problem = bad_value(values, kind, raw if info["dtype"] == "F64" else None)
+    if problem:
+        raise CheckpointError(f"{path}: tensor {name} holds {problem}")
+    return values
+
+
 def unflatten(values: list, shape: list[int]):
     if len(shape) == 1:
         return values
     if len(shape) != 2:
-        raise CheckpointError(f"puregpt tensors are 1-D or 2-D, got shape {shape}")
+        raise CheckpointError(f"puregpt tensors are 1-D or 2-D, got shape {brief(shape)}")
     rows, cols = shape
     return [values[r * cols:(r + 1) * cols] for r in range(rows)]
 
@@ -180,9 +300,26 @@ class Checkpoint:
     trainer: dict = field(default_factory=dict)  # trainer bookkeeping (data position, best loss)
 
 
+# The metadata entries a puregpt checkpoint may hold (any other is refused), and the trainer
+# state's keys with what each must be.
+METADATA_KEYS = (CHECKSUM, "format", "format_version", "config", "tokenizer", "step", "trainer",
+                 "train_config", "rng_state", "optimizer_step")
+TRAINER_FIELDS = {
+    "data": (lambda v: isinstance(v, str), "a string (the corpus's path)"),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
+               "the corpus's SHA-256 as 64 hex digits"),
+    "mode": (lambda v: isinstance(v, str) and v in ("docs", "stream"), "docs or stream"),
+    "best_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and math.isfinite(v)), "a finite number or null"),
+    "imported_from": (lambda v: isinstance(v, str), "a string (the directory imported)"),
+}
+
+
 def save_checkpoint(path, ckpt: Checkpoint) -> None:
-    """Write ckpt atomically (see atomic_write)."""
+    """Write ckpt atomically (see atomic_write), with its checksum (see content_checksum),
+    computed as the data streams to the file and then written over a placeholder."""
     meta = {
+        CHECKSUM: _CHECKSUM_PLACEHOLDER,  # first: nothing before it in the header can match it
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(ckpt.config.to_dict()),
@@ -201,71 +338,202 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
         for moment in ("m", "v"):
             for name, flat in ckpt.optimizer[moment].items():  # flat, stored in its param's shape
                 tensors[f"optim.{moment}.{name}"] = unflatten(flat, _shape(ckpt.params[name]))
-    atomic_write(path, safetensors_chunks(tensors, meta))
+    blob = _header_blob(tensors, meta)
+    at = 8 + blob.index(_CHECKSUM_PLACEHOLDER.encode())
+    hashes = {}
+    chunks = chain([struct.pack("<Q", len(blob)), blob], _data_chunks(tensors, hashes))
+    atomic_write(path, chunks, rewrite=lambda: [(at, content_checksum(meta, hashes).encode())])
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint written by save_checkpoint; every problem is a CheckpointError."""
+    """Read a checkpoint written by save_checkpoint; every problem is a CheckpointError naming
+    the file (a missing, unreadable or non-regular file too)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header, data_start = read_header(f, path, size)
-        meta = header.get("__metadata__", {})
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a puregpt checkpoint (metadata format is "
-                                  f"{meta.get('format')!r}); to use a Hugging Face GPT-2 "
-                                  f"directory, run `puregpt import-hf`")
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise CheckpointError(f"{path}: unknown checkpoint format version "
-                                  f"{meta.get('format_version')!r}; this puregpt reads version "
-                                  f"{FORMAT_VERSION}")
-        try:
-            config = GPTConfig.from_dict(json.loads(meta["config"]))
-            tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
-            train_config = (TrainConfig.from_dict(json.loads(meta["train_config"]))
-                            if "train_config" in meta else None)
-            step = int(meta.get("step", "0"))
-            opt_step = int(meta["optimizer_step"]) if "optimizer_step" in meta else None
-            trainer = json.loads(meta.get("trainer", "{}"))
-            if not isinstance(trainer, dict):
-                raise ValueError(f"trainer state must be a JSON object, got {trainer!r}")
-            rng_state = None
-            if "rng_state" in meta:
-                version, internal, gauss_next = json.loads(meta["rng_state"])
-                rng_state = (version, tuple(internal), gauss_next)
-                random.Random().setstate(rng_state)  # rejects a malformed state now, not later
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: bad metadata: {e}") from None
-        if tokenizer.vocab_size != config.vocab_size:
-            raise CheckpointError(f"{path}: vocabulary has {tokenizer.vocab_size} tokens but "
-                                  f"the config says vocab_size={config.vocab_size}")
-        from .model import param_shapes
+    try:
+        f, size = open_regular(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except InputError as e:
+        raise CheckpointError(f"{path}: not a checkpoint file: it {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
+    try:
+        with f:
+            return _load(f, path, size)
+    except OSError as e:  # an I/O error while reading
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
+
+
+def _load(f, path: str, size: int) -> Checkpoint:
+    header, data_start = read_header(f, path, size)
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a puregpt checkpoint (metadata format is "
+                              f"{brief(meta.get('format'))}); to use a Hugging Face GPT-2 "
+                              f"directory, run `puregpt import-hf`")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: unknown checkpoint format version "
+                              f"{brief(meta.get('format_version'))}; this puregpt reads version "
+                              f"{FORMAT_VERSION}")
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    if CHECKSUM in meta:  # before anything is interpreted: damage is reported as damage
+        _verify_checksum(f, path, meta, tensors, data_start)
+    unknown = [k for k in meta if k not in METADATA_KEYS]
+    if unknown:
+        raise CheckpointError(f"{path}: bad metadata: unknown entries {brief_names(unknown)} "
+                              f"(known: {', '.join(METADATA_KEYS)})")
+    try:
+        config = _stored_config(GPTConfig, _entry(meta, "config"), ADDED_MODEL_FIELDS, "config")
+        tokenizer = tokenizer_from_dict(_entry(meta, "tokenizer"))
+        train_config = (_stored_config(TrainConfig, _entry(meta, "train_config"),
+                                       ADDED_TRAIN_FIELDS, "train_config")
+                        if "train_config" in meta else None)
+        step = _count(meta, "step", 0)
+        opt_step = _count(meta, "optimizer_step", None)
+        trainer = _trainer_state(_entry(meta, "trainer", "{}"))
+        rng_state = _rng_state(_entry(meta, "rng_state")) if "rng_state" in meta else None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: bad metadata: no {e} entry") from None
+    except (ValueError, TypeError) as e:  # ConfigError and InputError are ValueErrors
+        raise CheckpointError(f"{path}: bad metadata: {e}") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{path}: vocabulary has {tokenizer.vocab_size} tokens but "
+                              f"the config says vocab_size={config.vocab_size}")
+    from .model import check_size, num_params_of, param_shapes
+    # the config's size against the file's, by arithmetic alone (model.num_params_of)
+    need = num_params_of(config)
+    held = sum(math.prod(info["shape"]) for name, info in tensors.items()
+               if not name.startswith("optim."))
+    try:
+        check_size(config)
+        # the dict has at most ~20 entries per layer, and MODEL_LIMITS bounds the layers: it is
+        # affordable even when the config is too big for the file (to name what is missing)
         shapes = param_shapes(config)
-        tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-        missing = [n for n in shapes if n not in tensors]
-        if missing:
-            raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
-        params, optimizer = {}, None
-        for name, shape in shapes.items():
-            if tuple(tensors[name]["shape"]) != shape:
-                raise CheckpointError(f"{path}: tensor {name} has shape {tensors[name]['shape']}"
-                                      f", the config needs {list(shape)}")
-            params[name] = unflatten(read_values(f, tensors[name], data_start), list(shape))
-        if opt_step is not None:
-            optimizer = {"step": opt_step, "m": {}, "v": {}}
-            for moment in ("m", "v"):
-                for name, shape in shapes.items():
-                    key = f"optim.{moment}.{name}"
-                    if key not in tensors or tuple(tensors[key]["shape"]) != shape:
-                        raise CheckpointError(f"{path}: optimizer tensor {key} missing or "
-                                              f"misshapen")
-                    optimizer[moment][name] = read_values(f, tensors[key], data_start)
-        unknown = set(tensors) - set(shapes) - {k for k in tensors if k.startswith("optim.")}
-        if unknown:
-            raise CheckpointError(f"{path}: unexpected tensors: {', '.join(sorted(unknown))}")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: bad metadata: {e}") from None
+    missing = [n for n in shapes if n not in tensors]
+    if need > held:
+        raise CheckpointError(f"{path}: the config describes a model of {need:,} parameters "
+                              f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size="
+                              f"{config.vocab_size}, block_size={config.block_size}) but the "
+                              f"file's tensors hold only {held:,} values"
+                              + (f": missing tensors: {brief_names(missing)}" if missing else ""))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {brief_names(missing)}")
+    expected = set(shapes)
+    if opt_step is not None:
+        expected |= {f"optim.{m}.{name}" for m in ("m", "v") for name in shapes}
+    params, optimizer = {}, None
+    for name, shape in shapes.items():
+        if tuple(tensors[name]["shape"]) != shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape "
+                                  f"{brief(tensors[name]['shape'])}, the config needs "
+                                  f"{list(shape)}")
+        params[name] = unflatten(read_tensor(f, tensors[name], data_start, path, name),
+                                 list(shape))
+    if opt_step is not None:
+        optimizer = {"step": opt_step, "m": {}, "v": {}}
+        for moment, kind in (("m", "moment"), ("v", "second moment")):
+            for name, shape in shapes.items():
+                key = f"optim.{moment}.{name}"
+                if key not in tensors or tuple(tensors[key]["shape"]) != shape:
+                    raise CheckpointError(f"{path}: optimizer tensor {key} missing or "
+                                          f"misshapen")
+                optimizer[moment][name] = read_tensor(f, tensors[key], data_start, path, key,
+                                                      kind)
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        why = (" (optimizer moments without an optimizer_step)" if opt_step is None and
+               all(n.startswith("optim.") for n in unexpected) else "")
+        raise CheckpointError(f"{path}: unexpected tensors: {brief_names(unexpected)}{why}")
     return Checkpoint(config, tokenizer, params, step, train_config, optimizer, rng_state, trainer)
+
+
+def _verify_checksum(f, path: str, meta: dict, tensors: dict, data_start: int) -> None:
+    stored = meta[CHECKSUM]
+    if re.fullmatch("sha256:[0-9a-f]{64}", stored) is None:
+        raise CheckpointError(f"{path}: bad metadata: checksum {brief(stored)} is not "
+                              f"\"sha256:\" and 64 hex digits")
+    hashes = {}
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"]):
+        begin, end = info["data_offsets"]
+        h = hashlib.sha256()
+        for chunk in _read_exactly(f, data_start + begin, end - begin, path):
+            h.update(chunk)
+        hashes[name] = [info["dtype"], info["shape"], h.hexdigest()]
+    if content_checksum(meta, hashes) != stored:
+        raise CheckpointError(f"{path}: checksum mismatch: the file's contents are not what was "
+                              f"saved (a changed byte, or tensors swapped or renamed): the file "
+                              f"is damaged. (A file converted on purpose by another tool loads "
+                              f"once its \"{CHECKSUM}\" metadata entry is removed.)")
+
+
+def _entry(meta: dict, key: str, default: str | None = None):
+    """A metadata entry's JSON value, parsed within bounds (fsutil.parse_json)."""
+    try:
+        return parse_json(meta[key] if default is None else meta.get(key, default))
+    except InputError as e:
+        raise InputError(f"{key} {e}") from None
+
+
+def _stored_config(cls, d, added: dict, what: str):
+    """A config stored in a checkpoint: every field must be there, except the ones added to the
+    format later (config.ADDED_MODEL_FIELDS / ADDED_TRAIN_FIELDS), which get the value that
+    reproduces older checkpoints."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {brief(d)}")
+    absent = [f.name for f in fields(cls) if f.name not in d]
+    lacking = [name for name in absent if name not in added]
+    if lacking:
+        raise ConfigError(f"the stored {what} lacks {brief_names(lacking)}: a checkpoint states "
+                          f"every field (only fields added to the format later may be absent: "
+                          f"{', '.join(added) or 'none yet'})")
+    return cls.from_dict({**{name: added[name] for name in absent}, **d})
+
+
+def _count(meta: dict, key: str, default):
+    """A non-negative integer entry (at most 18 digits), or default when absent."""
+    if key not in meta:
+        return default
+    if re.fullmatch("[0-9]{1,18}", meta[key]) is None:
+        raise ValueError(f"{key} must be a non-negative integer, got {brief(meta[key])}")
+    return int(meta[key])
+
+
+def _trainer_state(trainer) -> dict:
+    if not isinstance(trainer, dict):
+        raise ValueError(f"trainer state must be a JSON object, got {brief(trainer)}")
+    unknown = [k for k in trainer if k not in TRAINER_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown trainer state key(s) {brief_names(unknown)} (known: "
+                         f"{', '.join(TRAINER_FIELDS)})")
+    for key, value in trainer.items():
+        ok, want = TRAINER_FIELDS[key]
+        if not ok(value):
+            raise ValueError(f"trainer state {key} must be {want}, got {brief(value)}")
+    return trainer
+
+
+def _rng_state(state) -> tuple:
+    """Python's random.Random state as [3, [624 words and a position], gauss_next]."""
+    if not (isinstance(state, list) and len(state) == 3):
+        raise ValueError(f"rng_state must be [version, [625 integers], gauss_next], got "
+                         f"{brief(state)}")
+    version, internal, gauss_next = state
+    if not (type(version) is int and version == 3):
+        raise ValueError(f"rng_state version must be 3 (Python's random), got {brief(version)}")
+    if not (isinstance(internal, list) and len(internal) == 625
+            and all(type(w) is int and 0 <= w < 2 ** 32 for w in internal[:624])
+            and type(internal[624]) is int and 0 <= internal[624] <= 624):
+        raise ValueError("rng_state must hold 624 words of 32 bits and a position 0..624")
+    if gauss_next is not None:
+        if not (type(gauss_next) in (int, float) and math.isfinite(gauss_next)):
+            raise ValueError(f"rng_state's gauss_next must be a finite number or null, got "
+                             f"{brief(gauss_next)}")
+        gauss_next = float(gauss_next)
+    state = (3, tuple(internal), gauss_next)
+    random.Random().setstate(state)  # what is left to reject, Python's own check rejects now
+    return state
 
 
 def resolve_checkpoint(path: str) -> str:

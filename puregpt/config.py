@@ -1,7 +1,9 @@
 """Configuration: the model's shape (GPTConfig), the training recipe (TrainConfig), and presets.
 
 Both dataclasses are stored in every checkpoint and rebuilt from it with `from_dict`, which rejects
-unknown keys, wrong types and impossible values with a message naming the field. Presets are plain
+unknown keys, wrong types and impossible values with a message naming the field. Values are also
+bounded (MODEL_LIMITS, TRAIN_LIMITS, MAX_PARAMS), so that a damaged checkpoint or a typo such as
+`--block-size 100000000` is refused at once rather than allocating for minutes. Presets are plain
 data: a name mapped to overrides of the two dataclasses.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+
+from .fsutil import brief, brief_names
 
 CHOICES = {
     "pos": ("learned", "sinusoidal", "none"),
@@ -21,6 +25,29 @@ CHOICES = {
     "long_docs": ("split", "truncate"),
     "log_format": ("full", "microgpt"),
     "tokenizer": ("char", "bpe"),
+}
+
+
+# Upper bounds, checked by __post_init__ (naming the field). Generous for GPT-2 (124M to 1.5B
+# parameters, a 50,257-token vocabulary, 1,024 positions) and for Llama-like models (32k to 256k
+# tokens, up to 128k positions, 126 layers), far beyond what pure Python trains; a new field whose
+# size drives an allocation gets its bound here.
+MODEL_LIMITS: dict[str, int | float] = {
+    "vocab_size": 2 ** 20,  # 1,048,576 tokens
+    "block_size": 2 ** 17,  # 131,072 positions
+    "n_layer": 1024,
+    "n_embd": 2 ** 16,  # 65,536 (n_head divides it, so it is bounded too)
+    "init_std": 100.0,  # larger weights overflow the forward pass (see checkpoint.MAX_WEIGHT)
+}
+# The whole model: model.num_params_of(config) parameters at most (model.check_size, called by
+# init_params and the loaders before anything is built; config cannot import model). 2**31 = 2.1
+# billion: GPT-2 XL (1.5B) fits; as Python floats that many need ~64 GB.
+MAX_PARAMS = 2 ** 31
+TRAIN_LIMITS: dict[str, int | float] = {
+    "batch_size": 2 ** 16,  # sequences per micro-batch (each held in memory with its activations)
+    "grad_accum": 2 ** 16,
+    "workers": 1024,  # processes
+    "vocab_size": 2 ** 20,  # the BPE vocabulary to learn: as MODEL_LIMITS
 }
 
 
@@ -39,12 +66,21 @@ def _check_types(obj) -> None:
         if type(value) is not want:
             raise ConfigError(
                 f"{type(obj).__name__}.{f.name} must be {f.type}, got {type(value).__name__} "
-                f"({value!r})")
+                f"({brief(value)})")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be one of "
-                              f"{', '.join(CHOICES[f.name])}; got {value!r}")
+                              f"{', '.join(CHOICES[f.name])}; got {brief(value)}")
         if want is float and not math.isfinite(value):
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be finite, got {value!r}")
+
+
+def _check_limits(obj, limits: dict) -> None:
+    for name, top in limits.items():
+        value = getattr(obj, name)
+        if value > top:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be at most {top:,}, got "
+                              f"{brief(value)} (puregpt's limit: larger values would allocate "
+                              f"more than a computer holds)")
 
 
 def _from_dict(cls, d: dict):
@@ -53,7 +89,7 @@ def _from_dict(cls, d: dict):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} "
+        raise ConfigError(f"unknown {cls.__name__} key(s): {brief_names(unknown)} "
                           f"(known: {', '.join(sorted(known))})")
     return cls(**d)
 
@@ -85,12 +121,14 @@ class GPTConfig:
         _check_types(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"GPTConfig.{name} must be >= 1, got "
+                                  f"{brief(getattr(self, name))}")
+        _check_limits(self, MODEL_LIMITS)
         if self.vocab_size < 2:
             raise ConfigError("GPTConfig.vocab_size must be >= 2 (at least one character + BOS)")
         if self.n_embd % self.n_head:
             raise ConfigError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by "
-                              f"n_head ({self.n_head})")
+                              f"n_head ({brief(self.n_head)})")
         if self.init_std < 0 or self.norm_eps <= 0:
             raise ConfigError("GPTConfig.init_std must be >= 0 and norm_eps > 0")
 
@@ -139,13 +177,16 @@ class TrainConfig:
         _check_types(self)
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got "
+                                  f"{brief(getattr(self, name))}")
+        _check_limits(self, TRAIN_LIMITS)
         if self.data_seed < -1:
             raise ConfigError(f"TrainConfig.data_seed must be >= 0, or -1 (use seed), got "
-                              f"{self.data_seed}")
+                              f"{brief(self.data_seed)}")
         for name in ("warmup", "eval_every", "eval_tokens", "workers", "log_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got "
+                                  f"{brief(getattr(self, name))}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:

@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass
 
 from .config import TrainConfig
+from .fsutil import InputError, read_limited
 from .tokenizer import CharTokenizer
 
 
@@ -37,14 +38,26 @@ def bundled_names_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "names.txt")
 
 
+# The largest corpus read_text accepts: 256 MiB (enwik8's 100 MB fits). As token ids a character
+# costs a Python list slot (8 bytes), so this is ~2 GB of ids: beyond, pure Python is no place.
+MAX_TEXT_BYTES = 256 * 1024 * 1024
+
+
 def read_text(path: str) -> str:
-    """A file's text as UTF-8 with universal newlines; clear errors for anything else."""
-    if not os.path.exists(path):
-        raise DataError(f"data file not found: {path}")
-    if os.path.isdir(path):
-        raise DataError(f"data path is a directory, not a text file: {path}")
-    with open(path, "rb") as f:
-        raw = f.read()
+    """A file's text as UTF-8 with universal newlines; clear errors for anything else: a missing
+    or unreadable file, a directory, a FIFO or device (/dev/zero: refused before reading), a file
+    beyond MAX_TEXT_BYTES, bytes that are not UTF-8, NUL characters."""
+    try:
+        raw = read_limited(path, MAX_TEXT_BYTES)
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except InputError as e:
+        if "directory" in str(e):
+            raise DataError(f"data path is a directory, not a text file: {path}") from None
+        raise DataError(f"{path} {e}: a corpus is a UTF-8 text file of at most "
+                        f"{MAX_TEXT_BYTES:,} bytes (data.MAX_TEXT_BYTES)") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

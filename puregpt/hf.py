@@ -44,10 +44,11 @@ import shutil
 import sys
 from array import array
 
-from .checkpoint import Checkpoint, CheckpointError, read_header, read_values
-from .config import ConfigError, GPTConfig
-from .fsutil import atomic_write, fsync_dir
-from .model import param_shapes
+from .checkpoint import Checkpoint, CheckpointError, read_header, read_tensor
+from .config import MODEL_LIMITS, ConfigError, GPTConfig
+from .fsutil import (InputError, atomic_write, brief, brief_names, fsync_dir, open_regular,
+                     parse_json, read_limited)
+from .model import check_size, num_params_of, param_shapes
 from .tokenizer import CharTokenizer
 
 EXPORT_DTYPES = {"F32": ("f", "float32"), "F64": ("d", "float64")}
@@ -59,6 +60,7 @@ ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                       "relu": "relu"}
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_JSON_FILE = 64 * 1024 * 1024  # config.json, tokenizer.json...: Llama 3's tokenizer.json is 9 MB
 # buffers some GPT-2 checkpoints carry (the causal mask and its fill value): not weights
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -375,13 +377,15 @@ def export_hf(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from a file, read within bounds (fsutil.read_limited, parse_json)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        d = parse_json(read_limited(path, MAX_JSON_FILE))
+    except InputError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object, got {brief(d)}")
     return d
 
 
@@ -389,12 +393,18 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# config.json's size keys -> the GPTConfig fields they become, whose limits they obey
+_HF_FIELDS = {"vocab_size": "vocab_size", "n_positions": "block_size", "n_layer": "n_layer",
+              "n_embd": "n_embd"}
+
+
 def _gpt_config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
     """puregpt's config of the GPT-2 that config.json describes; every problem found is listed
     in one CheckpointError. Also returns config.json's "puregpt" section (or {})."""
     problems = []
     if d.get("model_type") != "gpt2":
-        problems.append(f"model_type is {d.get('model_type')!r}; only 'gpt2' can be imported")
+        problems.append(f"model_type is {brief(d.get('model_type'))}; only 'gpt2' can be "
+                        f"imported")
     if "n_positions" not in d and "n_ctx" in d:
         d = {**d, "n_positions": d["n_ctx"]}
     required = ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head")
@@ -403,31 +413,35 @@ def _gpt_config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
         problems.append(f"missing key(s): {', '.join(missing)}")
     for k in required:
         if k in d and not (_is_int(d[k]) and d[k] >= 1):
-            problems.append(f"{k} must be a positive integer, got {d[k]!r}")
+            problems.append(f"{k} must be a positive integer, got {brief(d[k])}")
+        elif k in _HF_FIELDS and d.get(k, 0) > MODEL_LIMITS[_HF_FIELDS[k]]:  # before any use
+            problems.append(f"{k}={brief(d[k])} is above puregpt's limit of "
+                            f"{MODEL_LIMITS[_HF_FIELDS[k]]:,} (for its {_HF_FIELDS[k]})")
     act = d.get("activation_function", "gelu_new")
-    if act not in ACTIVATION_FROM_HF:
-        problems.append(f"activation_function {act!r} is not supported (supported: "
+    if not (isinstance(act, str) and act in ACTIVATION_FROM_HF):
+        problems.append(f"activation_function {brief(act)} is not supported (supported: "
                         f"{', '.join(ACTIVATION_FROM_HF)})")
     eps = d.get("layer_norm_epsilon", 1e-5)
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-        problems.append(f"layer_norm_epsilon must be a positive number, got {eps!r}")
+        problems.append(f"layer_norm_epsilon must be a positive number, got {brief(eps)}")
     tie = d.get("tie_word_embeddings", True)
     if not isinstance(tie, bool):
-        problems.append(f"tie_word_embeddings must be true or false, got {tie!r}")
+        problems.append(f"tie_word_embeddings must be true or false, got {brief(tie)}")
     n_embd = d.get("n_embd")
     if d.get("n_inner") is not None and d.get("n_inner") != (4 * n_embd if _is_int(n_embd)
                                                              else None):
-        problems.append(f"n_inner={d['n_inner']!r}: puregpt's MLP is 4 * n_embd wide")
+        problems.append(f"n_inner={brief(d['n_inner'])}: puregpt's MLP is 4 * n_embd wide")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if d.get(key, want) != want:
-            problems.append(f"{key}={d[key]!r} is not supported (puregpt needs {want!r})")
+            problems.append(f"{key}={brief(d[key])} is not supported (puregpt needs {want!r})")
     if not problems and n_embd % d["n_head"]:
         problems.append(f"n_embd ({n_embd}) is not divisible by n_head ({d['n_head']})")
     if problems:
         raise CheckpointError(f"{path}: cannot import this config:\n  " + "\n  ".join(problems))
     std = d.get("initializer_range", 0.02)
-    if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
+    if not (isinstance(std, (int, float)) and not isinstance(std, bool)
+            and 0 <= std <= MODEL_LIMITS["init_std"]):  # only re-initialization would use it
         std = 0.02
     try:
         config = GPTConfig(vocab_size=d["vocab_size"], block_size=d["n_positions"],
@@ -436,6 +450,7 @@ def _gpt_config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
                            norm_position="pre", emb_norm=False, final_norm=True,
                            activation=ACTIVATION_FROM_HF[act], bias=True, tie_embeddings=tie,
                            init_std=float(std), scaled_init=True, norm_eps=float(eps))
+        check_size(config)
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot import this config: {e}") from None
     extra = d.get("puregpt")
@@ -454,7 +469,7 @@ def _bos_token(hf_dir: str, hf_config: dict, id_to_token: dict) -> str:
     its BOS and its EOS): tokenizer_config.json's eos/bos token, else config.json's
     eos/bos_token_id, else "<|endoftext|>"."""
     path = os.path.join(hf_dir, "tokenizer_config.json")
-    tc = _read_json(path) if os.path.isfile(path) else {}
+    tc = _read_json(path) if os.path.lexists(path) else {}
     candidates = [_token_text(tc.get("eos_token")), _token_text(tc.get("bos_token"))]
     candidates += [id_to_token.get(hf_config.get(k)) for k in ("eos_token_id", "bos_token_id")
                    if _is_int(hf_config.get(k))]
@@ -470,8 +485,8 @@ def _bos_token(hf_dir: str, hf_config: dict, id_to_token: dict) -> str:
 def _tokenizer_files(hf_dir: str) -> tuple[str, list[str]]:
     """Which tokenizer the directory holds ("files": vocab.json + merges.txt, "json":
     tokenizer.json), or ("", the names of the missing files)."""
-    have = {name: os.path.isfile(os.path.join(hf_dir, name))
-            for name in ("vocab.json", "merges.txt", "tokenizer.json")}
+    have = {name: os.path.lexists(os.path.join(hf_dir, name))  # a FIFO, a directory... is read
+            for name in ("vocab.json", "merges.txt", "tokenizer.json")}  # and refused as such
     if have["vocab.json"] and have["merges.txt"]:
         return "files", []
     if have["tokenizer.json"]:
@@ -486,24 +501,24 @@ def _read_tokenizer(hf_dir: str, kind: str, hf_config: dict):
     if kind == "files":
         vocab, merges = (os.path.join(hf_dir, n) for n in ("vocab.json", "merges.txt"))
         encoder = _read_json(vocab)
-        id_to_token = {i: t for t, i in encoder.items()}
+        id_to_token = {i: t for t, i in encoder.items() if _is_int(i)}
         try:
             return BPETokenizer.from_files(vocab, merges,
                                            _bos_token(hf_dir, hf_config, id_to_token))
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise CheckpointError(f"{hf_dir}: unusable tokenizer: {e}") from None
     path = os.path.join(hf_dir, "tokenizer.json")
     tj = _read_json(path)
-    model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
-    added = [t for t in tj.get("added_tokens") or []
-             if isinstance(t, dict) and isinstance(t.get("content"), str)]
+    model = _object(tj.get("model"))
+    added = tj.get("added_tokens") if isinstance(tj.get("added_tokens"), list) else []
+    added = [t for t in added if isinstance(t, dict) and isinstance(t.get("content"), str)]
     if model.get("type") == "WordLevel" and tj.get("pre_tokenizer") == CHAR_SPLIT:
         return _char_tokenizer(path, tj, model, added)
     if model.get("type") != "BPE":
-        raise CheckpointError(f"{path}: unsupported tokenizer model {model.get('type')!r}: "
+        raise CheckpointError(f"{path}: unsupported tokenizer model {brief(model.get('type'))}: "
                               f"puregpt reads a byte-level BPE (GPT-2's) or a character "
                               f"vocabulary written by `puregpt export`")
-    pre = tj.get("pre_tokenizer") or {}
+    pre = _object(tj.get("pre_tokenizer"))
     problems = []
     if tj.get("normalizer") is not None:
         problems.append("it has a normalizer")
@@ -517,19 +532,27 @@ def _read_tokenizer(hf_dir: str, kind: str, hf_config: dict):
                         "byte_fallback, prefixes or suffixes)")
     if problems:
         raise CheckpointError(f"{path}: not a GPT-2 byte-level BPE: " + "; ".join(problems))
-    encoder = dict(model.get("vocab") or {})
+    encoder = dict(_object(model.get("vocab")))
     for t in added:
         encoder.setdefault(t.get("content"), t.get("id"))
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges") or []]
-    id_to_token = {i: t for t, i in encoder.items()}
+    merges = model.get("merges") if isinstance(model.get("merges"), list) else []
+    merges = [m.split(" ") if isinstance(m, str) else m for m in merges]
+    id_to_token = {i: t for t, i in encoder.items() if _is_int(i)}
     try:
         return BPETokenizer(encoder, merges, _bos_token(hf_dir, hf_config, id_to_token))
     except ValueError as e:
         raise CheckpointError(f"{path}: unusable tokenizer: {e}") from None
 
 
+def _object(value) -> dict:
+    """A JSON object found in a tokenizer file, or {} for anything else (absent, null, a list)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokenizer:
-    vocab = model.get("vocab") or {}
+    vocab = _object(model.get("vocab"))
+    if not all(_is_int(i) for i in vocab.values()):
+        raise CheckpointError(f"{path}: a vocabulary maps tokens to integer ids")
     specials = [t.get("content") for t in added if t.get("special")]
     chars = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
     bos = [t for t in specials if t in vocab]
@@ -545,8 +568,8 @@ def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokeni
 def _read_weights(path: str, config: GPTConfig) -> dict:
     """puregpt's parameters from a GPT-2 model.safetensors, one tensor at a time (seek + read),
     each converted straight into puregpt's layout."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    f, size = _open_weights(path)
+    with f:
         header, data_start = read_header(f, path, size)
         tensors = {}  # name without "transformer." -> (name in the file, header entry)
         for name, info in header.items():
@@ -556,39 +579,39 @@ def _read_weights(path: str, config: GPTConfig) -> dict:
             if _BUFFER.fullmatch(short):
                 continue
             if short in tensors:
-                raise CheckpointError(f"{path}: tensor {short} appears twice ({tensors[short][0]}"
-                                      f" and {name})")
+                raise CheckpointError(f"{path}: tensor {brief(short)} appears twice "
+                                      f"({brief(tensors[short][0])} and {brief(name)})")
             tensors[short] = (name, info)
+        too_big = _too_big(config, tensors)
         layout = _layout(config)
         expected = {name for name, *_ in layout}
         optional = {"lm_head.weight"} if config.tie_embeddings else set()
         missing = [_file_name(n) for n, *_ in layout if n not in tensors]
         if missing:
-            raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
+            raise CheckpointError(f"{path}: {too_big}missing tensors: {brief_names(missing)}")
         unexpected = sorted(tensors[n][0] for n in set(tensors) - expected - optional)
         if unexpected:
             raise CheckpointError(f"{path}: unexpected tensors (not part of a GPT-2 "
-                                  f"GPT2LMHeadModel): {', '.join(unexpected)}")
+                                  f"GPT2LMHeadModel): {brief_names(unexpected)}")
         shapes = [(n, s) for n, s, *_ in layout]
         if "lm_head.weight" in tensors and config.tie_embeddings:
             shapes.append(("lm_head.weight", (config.vocab_size, config.n_embd)))
-        bad = [f"{tensors[n][0]}: expected {list(s)}, found {tensors[n][1]['shape']}"
+        bad = [f"{tensors[n][0]}: expected {list(s)}, found {brief(tensors[n][1]['shape'])}"
                for n, s in shapes if tuple(tensors[n][1]["shape"]) != s]
         if bad:
-            raise CheckpointError(f"{path}: tensor shapes do not match config.json (n_embd="
-                                  f"{config.n_embd}, n_layer={config.n_layer}, n_positions="
+            raise CheckpointError(f"{path}: {too_big}tensor shapes do not match config.json ("
+                                  f"n_embd={config.n_embd}, n_layer={config.n_layer}, n_positions="
                                   f"{config.block_size}, vocab_size={config.vocab_size}):\n  "
-                                  + "\n  ".join(bad))
+                                  + "\n  ".join(bad[:8]) + _more(bad, 8))
+        if too_big:  # (the checks above name what is wrong first: this is the backstop)
+            raise CheckpointError(f"{path}: {too_big.removesuffix(': ')}")
         params = {}
         for name, shape, how, names in layout:
-            values = read_values(f, tensors[name][1], data_start)
-            if not all(map(math.isfinite, values)):
-                raise CheckpointError(f"{path}: tensor {tensors[name][0]} holds values that are "
-                                      f"not finite (inf or NaN)")
+            values = read_tensor(f, tensors[name][1], data_start, path, tensors[name][0])
             params.update(_from_hf(how, values, shape, names, config))
         if "lm_head.weight" in tensors and config.tie_embeddings:
             name = tensors["lm_head.weight"][0]
-            head = read_values(f, tensors["lm_head.weight"][1], data_start)
+            head = read_tensor(f, tensors["lm_head.weight"][1], data_start, path, name)
             C = config.n_embd
             if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
                 raise CheckpointError(
@@ -598,6 +621,31 @@ def _read_weights(path: str, config: GPTConfig) -> dict:
     shapes = param_shapes(config)
     assert set(params) == set(shapes), (sorted(params), sorted(shapes))
     return {name: params[name] for name in shapes}  # puregpt's order
+
+
+def _open_weights(path: str):
+    """(file, size) of model.safetensors; a FIFO, a device or an unreadable file is a
+    CheckpointError naming it."""
+    try:
+        return open_regular(path)
+    except InputError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _too_big(config: GPTConfig, tensors: dict) -> str:
+    """"" when the file's tensors hold at least the parameters config.json describes (counted by
+    arithmetic, before the layout is built), else the start of a message saying so. (The layout
+    stays small whatever the file: MODEL_LIMITS bound n_layer; it names what is missing.)"""
+    need = num_params_of(config)
+    held = sum(math.prod(info["shape"]) for _, info in tensors.values())
+    return "" if need <= held else (f"config.json describes a model of {need:,} parameters but "
+                                    f"the file's tensors hold only {held:,} values: ")
+
+
+def _more(items: list, shown: int) -> str:
+    return f"\n  and {len(items) - shown} more" if len(items) > shown else ""
 
 
 def import_hf(hf_dir) -> Checkpoint:
@@ -620,7 +668,7 @@ def import_hf(hf_dir) -> Checkpoint:
     config_path = os.path.join(hf_dir, "config.json")
     weights_path = os.path.join(hf_dir, "model.safetensors")
     missing = [n for n, p in (("config.json", config_path), ("model.safetensors", weights_path))
-               if not os.path.isfile(p)]
+               if not os.path.lexists(p)]
     kind, missing_tok = _tokenizer_files(hf_dir)
     missing += missing_tok
     if missing:

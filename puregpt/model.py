@@ -23,9 +23,36 @@ import random
 from functools import lru_cache
 
 from . import ops
-from .config import GPTConfig
+from .config import MAX_PARAMS, ConfigError, GPTConfig
 
 # --- parameters --------------------------------------------------------------------------------
+
+
+def num_params_of(config: GPTConfig) -> int:
+    """How many parameters param_shapes(config) describes, by arithmetic alone (no dict of
+    n_layer entries): sizes are checked with it before anything is built. It must follow
+    param_shapes term for term (tests/test_hostile.py compares them over many configs)."""
+    V, C, L = config.vocab_size, config.n_embd, config.n_layer
+    norm = C * (2 if config.norm == "layernorm" else 1) if config.norm_affine else 0
+    n = V * C  # wte
+    n += config.block_size * C if config.pos == "learned" else 0  # wpe
+    n += 0 if config.tie_embeddings else V * C  # lm_head
+    n += norm if config.emb_norm else 0
+    per_layer = 2 * norm + 4 * C * C + 2 * 4 * C * C  # two norms, Q K V O, the MLP
+    per_layer += 9 * C if config.bias else 0  # 4 attention biases (C), fc1's (4C), fc2's (C)
+    n += L * per_layer
+    n += norm if config.final_norm else 0
+    return n
+
+
+def check_size(config: GPTConfig) -> None:
+    """Refuse (ConfigError) a model of more than config.MAX_PARAMS parameters (init_params and
+    the loaders call it before building anything)."""
+    n = num_params_of(config)
+    if n > MAX_PARAMS:
+        raise ConfigError(f"this model would have {n:,} parameters (n_layer={config.n_layer}, "
+                          f"n_embd={config.n_embd}, vocab_size={config.vocab_size}), more than "
+                          f"puregpt's limit of {MAX_PARAMS:,} (config.MAX_PARAMS)")
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -68,7 +95,9 @@ def init_params(config: GPTConfig, rng: random.Random) -> dict:
 
     With scaled_init, the projections into the residual stream (attn_wo, mlp_fc2) use
     init_std / sqrt(2 n_layer), as GPT-2 does, so the stream's variance does not grow with depth.
+    A model beyond config.MAX_PARAMS is refused first (check_size), before anything is drawn.
     """
+    check_size(config)
     params = {}
     for name, shape in param_shapes(config).items():
         if len(shape) == 1:

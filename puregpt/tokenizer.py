@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .fsutil import brief, brief_names
+
 
 class CharTokenizer:
     kind = "char"
@@ -17,7 +19,7 @@ class CharTokenizer:
         chars = list(chars)
         for ch in chars:
             if not isinstance(ch, str) or len(ch) != 1:
-                raise ValueError(f"a character vocabulary holds single characters, got {ch!r}")
+                raise ValueError(f"a character vocabulary holds single characters, got {brief(ch)}")
         if chars != sorted(set(chars)):
             raise ValueError("a character vocabulary must be sorted and free of duplicates")
         if not chars:
@@ -43,8 +45,8 @@ class CharTokenizer:
             unknown = sorted(set(text) - set(self.stoi))
             raise ValueError(
                 f"text contains {len(unknown)} character(s) not in the vocabulary: "
-                f"{', '.join(repr(c) for c in unknown)} "
-                f"(the vocabulary has {len(self.chars)}: {''.join(self.chars)!r})") from None
+                f"{brief_names(map(repr, unknown), 20)} "
+                f"(the vocabulary has {len(self.chars)}: {brief(''.join(self.chars))})") from None
 
     def encode_doc(self, text: str) -> list[int]:
         return [self.bos, *self.encode(text), self.bos]
@@ -81,4 +83,4 @@ def tokenizer_from_dict(d: dict):
     if d["kind"] == "bpe":
         from .bpe import BPETokenizer
         return BPETokenizer.from_dict(d)
-    raise ValueError(f"unknown tokenizer kind {d['kind']!r} (known: char, bpe)")
+    raise ValueError(f"unknown tokenizer kind {brief(d['kind'])} (known: char, bpe)")

@@ -497,8 +497,8 @@ MALFORMED = {
                        r"missing tensors: transformer\.h\.1\.mlp\.c_fc\.bias$"),
     "extra tensor": (_tensors_edit(lambda ts: {**ts, "score.weight": torch.zeros(2, 32)}),
                      r"unexpected tensors .*: score\.weight"),
-    "nan": (_tensors_edit(_nan), r"transformer\.h\.0\.mlp\.c_fc\.weight holds values that are "
-                                 r"not finite"),
+    "nan": (_tensors_edit(_nan), r"transformer\.h\.0\.mlp\.c_fc\.weight holds a value that is "
+                                 r"not finite \(nan at index 388\)"),
     "activation": (_config_edit("activation_function", "silu"),
                    r"activation_function 'silu' is not supported \(supported: gelu_new, "
                    r"gelu_pytorch_tanh, gelu, relu\)"),
@@ -509,7 +509,7 @@ MALFORMED = {
     "vocab": (_config_edit("vocab_size", 301),
               r"the tokenizer has 300 tokens but config\.json says vocab_size=301"),
     "bad json": (lambda d: (d / "config.json").write_text("{nope"),
-                 r"config\.json: not valid JSON"),
+                 r"config\.json: is not valid JSON"),
     "tiny vocab": (_config_edit("vocab_size", 1), r"config\.json: cannot import this config: "
                                                   r"GPTConfig\.vocab_size must be >= 2"),
 }
