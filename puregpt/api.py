@@ -7,8 +7,10 @@ what `train` returns, what `load` reads and `save` writes. See docs/api.md for e
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import fields
+from itertools import chain
 from typing import Callable, Iterator, NamedTuple
 
 from . import sample
@@ -65,6 +67,17 @@ def train(data: str | None = None, *, preset: str = "default", out: str | None =
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     model_set = {k: v for k, v in settings.items() if k in model_keys}
     train_set = {k: v for k, v in settings.items() if k in train_keys}
+    if data is not None:
+        _check_type("data", data, (str, os.PathLike), "a file path or None")
+        data = os.fspath(data)
+        if not data.strip():
+            raise ConfigError("data is empty: name a text file (or None for the bundled names)")
+    if out is not None:
+        _check_type("out", out, (str, os.PathLike), "a directory path or None")
+        out = os.fspath(out)
+    if init_from and model_set:
+        raise ConfigError(f"init_from takes the model's shape from the checkpoint; do not pass "
+                          f"model settings with it: {', '.join(sorted(model_set))}")
     if resume:
         if model_set:
             raise ConfigError(f"cannot change the model of a run being resumed: "
@@ -89,31 +102,65 @@ def _docs_mode(model: Checkpoint) -> bool:
     return model.trainer.get("mode", "docs") == "docs"
 
 
+def _check_type(name: str, value, kinds: tuple, what: str) -> None:
+    """A TypeError naming the parameter, for an argument of the wrong type (bool is not an
+    int here: top_k=True is a mistake)."""
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} ({value!r:.60})")
+
+
+def _check_model(model) -> None:
+    _check_type("model", model, (Checkpoint,), "a puregpt model (from puregpt.train or "
+                "puregpt.load)")
+
+
 def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = None,
            temperature: float = 0.5, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            stop: str | None = None, seed: int | None = None) -> Iterator[str]:
-    """Generate text, yielding it piece by piece as it is produced (the prompt not repeated).
+    """Generate text, yielding it piece by piece as it is produced: the prompt first (when
+    there is one), then each new piece, so that the pieces join into prompt + continuation,
+    as `puregpt sample --prompt` prints it.
 
     A docs-mode model generates one document: it stops at the end-of-document token or after
     max_new_tokens (default block_size). A stream-mode model continues the prompt for
     max_new_tokens (default 256). temperature, top_k and top_p shape the distribution (in that
-    order); greedy takes the most likely token; stop ends the text just before that string;
-    seed makes the output reproducible. Bad settings and prompts outside the vocabulary raise
-    ValueError at once.
+    order); greedy takes the most likely token; stop ends the text just before that string
+    (searched in the new text); seed makes the output reproducible. Arguments of the wrong
+    type raise TypeError; bad settings and prompts outside the vocabulary raise ValueError, at
+    once, before anything is generated.
     """
-    return sample.stream_text(model.params, model.config, model.tokenizer, prompt,
-                              _docs_mode(model), max_new_tokens, stop, random.Random(seed),
-                              temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    _check_model(model)
+    _check_type("prompt", prompt, (str,), "a string")
+    if max_new_tokens is not None:
+        _check_type("max_new_tokens", max_new_tokens, (int,), "an int or None")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        _check_type(name, value, (int, float), "a number")
+    _check_type("top_k", top_k, (int,), "an int")
+    _check_type("greedy", greedy, (bool,), "True or False")
+    if stop is not None:
+        _check_type("stop", stop, (str,), "a string or None")
+    if seed is not None:
+        _check_type("seed", seed, (int,), "an int or None")
+    pieces = sample.stream_text(model.params, model.config, model.tokenizer, prompt,
+                                _docs_mode(model), max_new_tokens, stop, random.Random(seed),
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                greedy=greedy)
+    return chain([prompt] if prompt else [], pieces)
 
 
 def generate(model: Checkpoint, prompt: str = "", **options) -> str:
-    """The text `stream` produces, as one string (same options)."""
+    """The text `stream` produces, as one string: the prompt and its continuation (same
+    options)."""
     return "".join(stream(model, prompt, **options))
 
 
 def score(model: Checkpoint, text: str) -> Score:
     """How likely the model finds `text`: a whole document (with its end) for docs-mode
     models, a stretch of text for stream-mode models."""
+    _check_model(model)
+    _check_type("text", text, (str,), "a string")
     logprob, n = sample.score_text(model.params, model.config, model.tokenizer, text,
                                    _docs_mode(model))
     return Score(logprob, -logprob / n, n)
@@ -121,6 +168,8 @@ def score(model: Checkpoint, text: str) -> Score:
 
 def evaluate(model: Checkpoint, path: str) -> Score:
     """Mean loss (and .perplexity) over a text file: every document, or the whole stream."""
+    _check_model(model)
+    _check_type("path", path, (str, os.PathLike), "a file path")
     logprob, n = sample.score_corpus(model.params, model.config, model.tokenizer,
-                                     read_text(path), _docs_mode(model))
+                                     read_text(os.fspath(path)), _docs_mode(model))
     return Score(logprob, -logprob / n, n)

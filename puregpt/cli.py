@@ -16,10 +16,10 @@ from .data import DataError, doc_examples, read_text
 from .train import Interrupted, TrainingError
 
 MODEL_HELP = {
-    "block_size": "longest context in tokens (default 16)",
-    "n_layer": "transformer blocks (default 1)",
-    "n_embd": "embedding width C (default 16)",
-    "n_head": "attention heads; must divide n_embd (default 4)",
+    "block_size": "longest context in tokens",
+    "n_layer": "transformer blocks",
+    "n_embd": "embedding width C",
+    "n_head": "attention heads; must divide n_embd",
     "pos": "positions added to token embeddings: learned, sinusoidal (fixed) or none",
     "norm": "normalization: rmsnorm or layernorm",
     "norm_affine": "learnable gain (and bias, for layernorm) in every norm",
@@ -29,9 +29,9 @@ MODEL_HELP = {
     "activation": "MLP activation: relu, gelu (exact erf) or gelu_tanh (GPT-2's approximation)",
     "bias": "biases in the attention and MLP linear layers",
     "tie_embeddings": "lm_head shares the token embedding matrix wte",
-    "init_std": "standard deviation of the initial weights (default 0.08)",
+    "init_std": "standard deviation of the initial weights",
     "scaled_init": "GPT-2 init: attn_wo and mlp_fc2 get init_std / sqrt(2 n_layer)",
-    "norm_eps": "epsilon inside the norms' square root (default 1e-5)",
+    "norm_eps": "epsilon inside the norms' square root",
 }
 TRAIN_HELP = {
     "steps": "optimizer steps",
@@ -68,19 +68,31 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_dataclass_flags(parser, cls, helps: dict) -> None:
-    """One flag per config field; defaults are None so we know which flags were given."""
+def _add_dataclass_flags(parser, cls, helps: dict, defaults: dict) -> None:
+    """One flag per config field; defaults are None so we know which flags were given. The help
+    shows the default the active preset gives (`defaults`: field -> value)."""
     for f in fields(cls):
         if f.name not in helps:  # GPTConfig.vocab_size comes from the data, not a flag
             continue
         kind = {"int": int, "float": float, "str": str}.get(f.type)
+        default = defaults[f.name]
+        shown = ("on" if default else "off") if f.type == "bool" else f"{default:g}" \
+            if f.type == "float" else default
+        text = f"{helps[f.name]} (default: {shown})"
         if f.type == "bool":
             parser.add_argument(_flag(f.name), dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=helps[f.name])
+                                action=argparse.BooleanOptionalAction, help=text)
         else:
             parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
-                                choices=CHOICES.get(f.name), help=helps[f.name],
+                                choices=CHOICES.get(f.name), help=text,
                                 metavar=None if f.name in CHOICES else f.name.upper())
+
+
+def preset_defaults(name: str) -> tuple[dict, dict]:
+    """The model and training settings a preset gives: the dataclasses' defaults, overridden."""
+    chosen = preset(name)
+    return ({**GPTConfig().to_dict(), **chosen["model"]},
+            {**TrainConfig().to_dict(), **chosen["train"]})
 
 
 def _given(args, helps: dict) -> dict:
@@ -89,6 +101,10 @@ def _given(args, helps: dict) -> dict:
 
 
 def _load(path: str):
+    if path == DEFAULT_RUN and not os.path.exists(path):
+        raise CheckpointError("no model in ./run (the default): train one with `puregpt "
+                              "train`, or name one: a run directory or checkpoint file as the "
+                              "first word, or -m RUN")
     path = resolve_checkpoint(path)
     return path, load_checkpoint(path)
 
@@ -152,6 +168,15 @@ def _is_docs(ckpt) -> bool:
 def cmd_train(args) -> int:
     from .train import train
     given_model, given_train = _given(args, MODEL_HELP), _given(args, TRAIN_HELP)
+    if args.data is not None and not args.data.strip():
+        raise ConfigError("--data is empty: name a text file (or leave --data out to train on "
+                          "the bundled names)")
+    if args.samples is not None and args.samples < 0:
+        raise ConfigError(f"--samples must be >= 0, got {args.samples}")
+    if args.init_from and given_model:
+        raise ConfigError("--init-from takes the model's shape from the checkpoint; do not pass "
+                          "model flags with it (got " + ", ".join(_flag(k) for k in given_model)
+                          + ")")
     if args.resume:
         if args.preset:
             raise ConfigError("--preset applies to new runs; a resumed run keeps its own settings")
@@ -175,6 +200,9 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     from .sample import check_shape, generate_text
+    for flag, value in (("-n", args.num_samples), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
     path, ckpt = _load(_model_arg(args))
     docs = _is_docs(ckpt)
     rng = random.Random(args.seed)
@@ -234,7 +262,10 @@ def cmd_info(args) -> int:
     print(f"parameters: {num_params(ckpt.params):,}")
     print("model: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     if ckpt.train_config:
-        print("training: " + ", ".join(f"{k}={v}" for k, v in ckpt.train_config.to_dict().items()))
+        settings = ckpt.train_config.to_dict()
+        if settings["tokenizer"] != "bpe":  # the size of a BPE vocabulary to learn
+            del settings["vocab_size"]
+        print("training: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if ckpt.trainer.get("data"):
         print(f"data: {ckpt.trainer['data']} ({ckpt.trainer.get('mode')} mode)")
     if ckpt.trainer.get("best_val") is not None:
@@ -299,14 +330,47 @@ def cmd_import_hf(args) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="puregpt", description="A GPT in pure Python: train it, "
-                                "sample from it, score text with it.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class Parser(argparse.ArgumentParser):
+    """argparse, with mistakes answered in one line (not the whole usage), and a hint where the
+    mistake is a common one: a data file given without --data, a misspelt flag."""
+
+    def error(self, message):
+        hint = _hint(self, message)
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+
+def _hint(parser, message: str) -> str:
+    import difflib
+    if not message.startswith("unrecognized arguments: "):
+        return ""
+    words = message[len("unrecognized arguments: "):].split()
+    flags = [f for a in parser._actions for f in a.option_strings]
+    for word in words:
+        if not word.startswith("-"):
+            if "--data" in flags and (os.path.isfile(word) or word.endswith(".txt")):
+                return f"; did you mean --data {word}?"
+            continue
+        close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
+
+
+def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
+    """The command line. `active_preset`: the preset whose settings `train --help` shows as
+    the defaults (`puregpt train --preset gpt2 --help` shows gpt2's)."""
+    from . import __version__
+    p = Parser(prog="puregpt", description="A GPT in pure Python: train it, "
+               "sample from it, score text with it, look inside it.")
+    p.add_argument("--version", action="version", version=f"puregpt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model (default: on the bundled names)",
                        description="Train a GPT. Settings come from --preset (default: "
-                       "'default'), then from the flags given.")
+                       "'default'), then from the flags given. The defaults shown are the "
+                       f"preset {active_preset!r}'s; `puregpt train --preset NAME --help` "
+                       "shows another's.")
     t.add_argument("--data", help="UTF-8 text file: one document per line, or continuous text "
                    "(default: the bundled US first names)")
     t.add_argument("--out", default="run", help="run directory for checkpoints, metrics and "
@@ -320,8 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument("--samples", type=int, metavar="N", help="documents to print after training "
                    "(default 10; 20 with --log-format microgpt)")
-    _add_dataclass_flags(t.add_argument_group("model"), GPTConfig, MODEL_HELP)
-    _add_dataclass_flags(t.add_argument_group("training"), TrainConfig, TRAIN_HELP)
+    model_defaults, train_defaults = preset_defaults(active_preset)
+    _add_dataclass_flags(t.add_argument_group(f"model (defaults: preset {active_preset!r})"),
+                         GPTConfig, MODEL_HELP, model_defaults)
+    _add_dataclass_flags(t.add_argument_group(f"training (defaults: preset {active_preset!r})"),
+                         TrainConfig, TRAIN_HELP, train_defaults)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate text from a trained model")
@@ -384,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preset_in(argv: list[str]) -> str:
+    """The --preset a command line names (for the defaults its help shows), else "default"."""
+    for i, word in enumerate(argv):
+        value = argv[i + 1] if word == "--preset" and i + 1 < len(argv) else \
+            word[len("--preset="):] if word.startswith("--preset=") else None
+        if value in PRESETS:
+            return value
+    return "default"
+
+
 def parse(parser, argv: list[str]):
     """The command line's namespace. Within a command, options and words may come in any order
     (`export RUN --dtype f64 OUT_DIR`, `score emma -m run anna`): the command's own parser reads
@@ -401,8 +478,8 @@ def parse(parser, argv: list[str]):
 
 def main(argv=None) -> int:
     from .parallel import WorkerError
-    parser = build_parser()
-    args = parse(parser, sys.argv[1:] if argv is None else [str(a) for a in argv])
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse(build_parser(_preset_in(argv)), argv)
     try:
         return args.func(args)
     except Interrupted as e:

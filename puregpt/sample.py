@@ -41,7 +41,14 @@ def shape_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0) -> list[float]:
     """The sampling distribution over the vocabulary after temperature, top-k and top-p."""
     check_shape(temperature, top_k, top_p)
-    probs = ops.softmax([z / temperature for z in logits])
+    scaled = [z / temperature for z in logits]
+    if not all(map(math.isfinite, scaled)):
+        # a temperature so small that z / T overflows (inf - inf would be NaN): subtracting the
+        # max first changes nothing mathematically and leaves the likeliest token(s) at 0, the
+        # rest at -inf, whose weight is 0: the limit T -> 0, greedy decoding
+        top = max(logits)
+        scaled = [(z - top) / temperature for z in logits]
+    probs = ops.softmax(scaled)
     order = sorted(range(len(probs)), key=lambda i: -probs[i])  # most likely first (stable)
     keep = len(order)
     if top_k:

@@ -1,5 +1,12 @@
 """The training loop, its run directory, and exact resume.
 
+    for step in range(start, steps):          Run.loop, one screen: read it first
+        batch -> forward/backward -> clip -> AdamW update -> log -> evaluate -> checkpoint
+
+Everything around the loop is a named step of its own: resume checks (`_resume_point`), the
+data (`_load_data`), the weights to start from (`_starting_point`), the run directory and its
+lock (`RunDir`), worker processes (`_start_parallel`), signals (`_catch_signals`).
+
 A run directory (--out) holds:
     last.safetensors   the latest checkpoint: weights, Adam moments, step, RNG state, configs
     best.safetensors   the checkpoint with the lowest validation loss so far
@@ -20,6 +27,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -32,6 +40,10 @@ from .data import Corpus, DataError, get_batch, load_corpus
 from .fsutil import atomic_write
 from .plot import read_metrics, render_loss_svg
 from .sample import generate_text
+
+
+LONG_RUN_SECONDS = 180  # a run estimated to take longer says so before it starts
+EXPLODING_EVALS = 4  # a validation loss growing at this many evaluations in a row: a warning
 
 
 class TrainingError(RuntimeError):
@@ -117,17 +129,64 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class Progress:
-    """A live line on a terminal; plain lines every log_every steps otherwise; or microgpt's exact
-    per-step lines on stdout."""
+def fit_fields(fields: list[tuple[int, str, str]], width: int) -> str:
+    """Join (priority, text, short text) fields with " | " into at most `width` characters, as
+    tqdm does: the lowest-priority fields are shortened first, then dropped (priority 0: never
+    dropped), and what still does not fit is cut. The fields keep their order."""
+    texts = [text for _, text, _ in fields]
+    line = " | ".join(t for t in texts if t)
+    for prio in sorted({p for p, _, _ in fields if p > 0}, reverse=True):
+        if len(line) <= width:
+            break
+        for i, (p, text, short) in enumerate(fields):
+            if p == prio:
+                texts[i] = short
+        line = " | ".join(t for t in texts if t)
+        if len(line) > width:
+            for i, (p, _, _) in enumerate(fields):
+                if p == prio:
+                    texts[i] = ""
+            line = " | ".join(t for t in texts if t)
+    return line[:width]
 
-    def __init__(self, tc: TrainConfig, start_step: int, quiet: bool, stream=None, out=None):
+
+def terminal_width(stream, default: int = 80) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or default
+    except (AttributeError, OSError, ValueError):
+        return default
+
+
+class Progress:
+    """A live line on a terminal (fitted to its width, redrawn in place); plain lines every
+    log_every steps otherwise; or microgpt's exact per-step lines on stdout.
+
+    Throughput counts training time only (evaluations are timed apart), and the ETA adds the
+    evaluations still to come (measured once one has run; estimated before)."""
+
+    def __init__(self, tc: TrainConfig, start_step: int, quiet: bool, stream=None, out=None,
+                 evaluates: bool = True):
         self.tc, self.quiet = tc, quiet
         self.stream, self.out = stream or sys.stderr, out or sys.stdout
         self.live = not quiet and tc.log_format == "full" and self.stream.isatty()
         self.every = tc.log_every or max(1, tc.steps // 20)
         self.t0, self.start_step, self.last_draw = time.perf_counter(), start_step, 0.0
-        self.tokens, self.val, self.best, self.novel = 0, None, None, None
+        self.tokens, self.evaluates = 0, evaluates
+        self.val = self.best = self.novel = self.val_step = None
+        self.eval_seconds, self.evals = 0.0, 0
+
+    def evaluated(self, step: int, val: float, best: float, novel, seconds: float) -> None:
+        self.val, self.best, self.novel, self.val_step = val, best, novel, step + 1
+        self.eval_seconds += seconds
+        self.evals += 1
+
+    def evals_left(self, s: int) -> int:
+        """Evaluations after step s (1-based): every eval_every steps, and at the last step."""
+        if not self.evaluates:
+            return 0
+        n, every = self.tc.steps, self.tc.eval_every
+        left = (n // every - s // every) if every else 0
+        return left + (0 if s >= n or (every and n % every == 0) else 1)
 
     def step(self, step: int, loss: float, lr: float, tokens: int, evaluated: bool) -> None:
         self.tokens += tokens
@@ -139,23 +198,41 @@ class Progress:
         if self.quiet:
             return
         now = time.perf_counter()
-        elapsed = now - self.t0
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        done = s - self.start_step
-        eta = elapsed / done * (n - s) if done else 0.0
-        val = "" if self.val is None else f" | val {self.val:.4f} (best {self.best:.4f})"
-        if self.novel is not None:  # share of sampled documents that are not training copies
-            val += f" | novel {self.novel:.0%}"
-        line = (f"step {s:4d} / {n:4d} | loss {loss:.4f}{val} | lr {lr:.2e} | {rate:,.0f} tok/s"
-                f" | {_clock(elapsed)} elapsed | ETA {_clock(eta)}")
+        if self.live and not (evaluated or s == n or now - self.last_draw > 0.1):
+            return
+        if not self.live and not (evaluated or s % self.every == 0 or s == n):
+            return
+        line = self.line(s, loss, lr, now)
         if self.live:
-            if evaluated or s == n or now - self.last_draw > 0.1:
-                end = "\n" if evaluated or s == n else ""
-                self.stream.write("\r" + line + "\x1b[K" + end)
-                self.stream.flush()
-                self.last_draw = now
-        elif evaluated or s % self.every == 0 or s == n:
+            end = "\n" if evaluated or s == n else ""
+            self.stream.write("\r" + line + "\x1b[K" + end)
+            self.stream.flush()
+            self.last_draw = now
+        else:
             print(line, file=self.stream, flush=True)
+
+    def line(self, s: int, loss: float, lr: float, now: float) -> str:
+        n = self.tc.steps
+        elapsed = now - self.t0
+        training = max(elapsed - self.eval_seconds, 1e-9)
+        done = s - self.start_step
+        per_eval = self.eval_seconds / self.evals if self.evals else 0.0
+        eta = training / done * (n - s) + per_eval * self.evals_left(s) if done else 0.0
+        fields = [(0, f"step {s:4d} / {n:4d}", ""), (0, f"loss {loss:.4f}", "")]
+        fresh = self.val_step == s
+        if self.val is not None and (fresh or self.live):  # a plain line: only when new
+            age = "" if fresh else f" @{self.val_step}"  # an older evaluation says its step
+            fields.append((2, f"val {self.val:.4f} (best {self.best:.4f}){age}",
+                           f"val {self.val:.4f}{age}"))
+            if self.novel is not None:  # share of sampled documents not copied from training
+                fields.append((7, f"novel {self.novel:.0%}", ""))
+        fields += [(6, f"lr {lr:.2e}", ""), (4, f"{self.tokens / training:,.0f} tok/s", ""),
+                   (5, f"{_clock(elapsed)} elapsed", ""),
+                   (3, f"ETA {_clock(eta)}", "")]
+        if not self.live:
+            return " | ".join(text for _, text, _ in fields)
+        # one column short of the width: a line that fills it wraps on some terminals
+        return fit_fields(fields, terminal_width(self.stream) - 1)
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -165,6 +242,352 @@ class Progress:
 
 
 # --- the run -----------------------------------------------------------------------------------
+
+
+def train(model_config: GPTConfig | None = None, train_config: TrainConfig | None = None,
+          data: str | None = None, out: str | None = None, resume: bool = False,
+          overrides: dict | None = None, init_from: str | None = None, force: bool = False,
+          quiet: bool = False, samples: int = 0, callback=None, stream=None,
+          stdout=None) -> TrainResult:
+    """Train a model; see the module docstring and `puregpt train --help`.
+
+    model_config: the model's shape (vocab_size is set from the data). train_config: the recipe.
+    out: run directory (None: keep nothing on disk). resume: continue the run in `out`, with
+    `overrides` (TrainConfig field -> value) applied where allowed. init_from: start from a
+    checkpoint's weights and vocabulary with a fresh optimizer (fine-tuning). callback(info) is
+    called after every step with a dict (step, loss, lr, tokens, val_loss); returning False
+    stops training after that step (a checkpoint is saved when out is set).
+    """
+    if resume and not out:
+        raise TrainingError("resume needs the run directory (--resume DIR)")
+    run_dir = RunDir(out, create=not resume) if out else None
+    try:  # the directory is locked before anything in it is read: see RunDir
+        run = Run(run_dir, model_config, train_config, data, resume, overrides, init_from,
+                  force, quiet, callback, stream, stdout)
+        try:
+            run.loop()
+        finally:
+            run.close()
+    finally:
+        if run_dir is not None:
+            run_dir.close()
+    run.finish(samples)
+    return run.result
+
+
+class Run:
+    """One training run: its state (weights, optimizer, data, RNG), the loop, and the
+    bookkeeping around it. The constructor is the setup; `loop` is the algorithm."""
+
+    def __init__(self, run_dir, model_config, train_config, data, resume, overrides, init_from,
+                 force, quiet, callback, stream, stdout):
+        self.dir, self.quiet, self.callback = run_dir, quiet, callback
+        self.stdout, self.stderr = stdout or sys.stdout, stream or sys.stderr
+        out = run_dir.path if run_dir else None
+        ckpt, changes = None, []
+        if resume:
+            ckpt, tc, changes = _resume_point(run_dir, model_config, overrides or {})
+            data = data or ckpt.trainer.get("data")
+        else:
+            tc = train_config or TrainConfig()
+            if run_dir is not None and not force:
+                run_dir.refuse_to_replace()
+        self.tc, self.rng = tc, random.Random(tc.seed)
+        seed_ckpt = ckpt or (load_checkpoint(init_from) if init_from else None)
+        self.corpus = _load_data(data, tc, self.rng, seed_ckpt, model_config)
+        (self.config, self.params, self.opt_state, self.start,
+         self.best_val) = _starting_point(ckpt, seed_ckpt, model_config, self.corpus, self.rng)
+        if ckpt is not None and ckpt.trainer.get("sha256") not in (None, self.corpus.sha256):
+            print(f"warning: {self.corpus.path} changed since the checkpoint was written; "
+                  f"training continues on the new text, so it will not match the original run",
+                  file=self.stderr)
+        self.grads = model.zeros_like(self.params)
+        self.result = TrainResult(self.params, self.config, self.corpus.tokenizer, tc,
+                                  self.corpus, self.start, best_val=self.best_val)
+        self.progress = Progress(tc, self.start, quiet, stream, stdout,
+                                 bool(self.corpus.val_examples))
+        self.workers = self.split = None
+        self.stop_signal, self._handlers = None, {}
+        self.first_loss, self.vals, self.warned = None, [], False  # watch_loss's memory
+        if run_dir is not None:
+            run_dir.begin(self._run_info(), resume, self.start, self.snapshot)
+        self.workers, self.split = _start_parallel(self.config, tc, self.params, self.opt_state)
+        self._describe(resume, out, changes)
+        if run_dir is not None:
+            self._handlers = _catch_signals(self._on_signal)
+
+    # --- the loop: what happens in one training step ---
+
+    def loop(self) -> None:
+        tc = self.tc
+        self.t_start = time.perf_counter()
+        for step in range(self.start, tc.steps):
+            t0 = time.perf_counter()
+            lr = optim.lr_at(step, tc)
+            batch = [get_batch(self.corpus, step, j, tc, self.config.block_size, self.rng)
+                     for j in range(tc.grad_accum)]  # grad_accum micro-batches
+            loss, n_tokens = self.forward_backward(batch, lr)
+            self.check_finite(loss, step)
+            if tc.grad_clip > 0:
+                optim.clip_grads(self.grads, tc.grad_clip)
+            self.update(lr)
+            row = self.record(step, loss, lr, n_tokens, t0)
+            evaluated = self.evaluation_due(step)
+            if evaluated or self.wants_params(step):
+                self.sync()
+            if evaluated:
+                self.evaluate(step, row)
+            self.log(step, row, evaluated)
+            if evaluated or step + 1 == tc.steps:
+                self.save(step + 1)
+            if self.should_stop(step, row):
+                break
+
+    # --- the steps of the loop ---
+
+    def forward_backward(self, batch, lr) -> tuple[float, int]:
+        """The gradient of the mean loss over the batch, into self.grads; (loss, positions). The
+        split step (one sequence on two processes) also updates the weights, as it goes."""
+        if self.split is not None:  # updates the weights too, unless the loss is not finite
+            return self.split.step(self.params, self.grads, *batch[0], lr, self.opt_state)
+        optim.zero_grads(self.grads)
+        return batch_grads(self.params, self.config, batch, self.grads, self.workers)
+
+    def check_finite(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at step {step + 1}; stopped without updating the "
+                f"weights" + (f" (the last good checkpoint, {self.dir.paths['last']}, is kept)"
+                              if self.dir else "") + "; try a lower --lr or --grad-clip 1.0")
+
+    def update(self, lr: float) -> None:
+        if self.split is None:  # (the split step has updated the weights already)
+            tc = self.tc
+            optim.adamw_step(self.params, self.grads, self.opt_state, lr, tc.beta1, tc.beta2,
+                             tc.eps, tc.weight_decay)
+
+    def record(self, step, loss, lr, n_tokens, t0) -> dict:
+        """The step's metrics row (and the result's bookkeeping)."""
+        self.result.step = step + 1
+        self.result.losses.append(loss)
+        self.watch_loss(step, loss)
+        now = time.perf_counter()
+        return {"step": step + 1, "loss": loss, "lr": lr, "tokens": n_tokens,
+                "tokens_per_s": n_tokens / max(now - t0, 1e-9), "time": now - self.t_start}
+
+    def evaluation_due(self, step: int) -> bool:
+        every, s = self.tc.eval_every, step + 1
+        return bool(self.corpus.val_examples) and (s == self.tc.steps or
+                                                   bool(every and s % every == 0))
+
+    def wants_params(self, step: int) -> bool:
+        """Whether this step's end needs every weight in place (a save, a callback)."""
+        return step + 1 == self.tc.steps or self.stop_signal is not None or \
+            self.callback is not None
+
+    def sync(self) -> None:
+        if self.split is not None:  # the helper's last updates, otherwise picked up next step
+            self.split.sync()
+
+    def evaluate(self, step: int, row: dict) -> None:
+        """Validation loss (and, for documents, novelty) into the row; keeps the best."""
+        t0 = time.perf_counter()
+        val = evaluate(self.params, self.config, self.corpus.val_examples, self.workers)
+        row["val_loss"] = self.result.last_val = val
+        if self.corpus.mode == "docs":
+            row["novel_frac"] = novelty(self.params, self.config, self.corpus,
+                                        self.tc.seed + step)
+        self.watch_loss(step, row["loss"], val)
+        if self.best_val is None or val < self.best_val:
+            self.best_val = self.result.best_val = val
+            if self.dir:
+                self.dir.save_best(self.snapshot(step + 1))
+        self.progress.evaluated(step, val, self.best_val, row.get("novel_frac"),
+                                time.perf_counter() - t0)
+
+    def log(self, step: int, row: dict, evaluated: bool) -> None:
+        if self.dir:
+            self.dir.append_metrics(row)
+        self.progress.step(step, row["loss"], row["lr"], row["tokens"], evaluated)
+
+    def save(self, step: int) -> None:
+        """The resumable checkpoint and the loss plot (when the run has a directory)."""
+        if self.dir:
+            self.dir.save_last(self.snapshot(step))
+
+    def should_stop(self, step: int, row: dict) -> bool:
+        """After a signal or a callback returning False: save, then stop (a signal raises
+        Interrupted, naming the command that resumes)."""
+        wants_stop = self.callback is not None and self.callback(
+            {"step": step + 1, "loss": row["loss"], "lr": row["lr"], "tokens": row["tokens"],
+             "val_loss": row.get("val_loss")}) is False
+        if not (self.stop_signal is not None or wants_stop) or step + 1 == self.tc.steps:
+            return False
+        self.save(step + 1)
+        if self.stop_signal is not None:
+            raise Interrupted(
+                f"interrupted at step {step + 1} of {self.tc.steps}; saved "
+                f"{self.dir.paths['last']}. Resume with: puregpt train --resume {self.dir.path}",
+                self.stop_signal)
+        return True
+
+    # --- bookkeeping ---
+
+    def snapshot(self, step: int) -> Checkpoint:
+        """Everything a resume needs, as a checkpoint."""
+        if self.split is not None:  # the helper process holds part of the Adam moments
+            self.split.pull_optimizer_state(self.opt_state)
+        corpus = self.corpus
+        return Checkpoint(self.config, corpus.tokenizer, self.params, step, self.tc,
+                          self.opt_state, self.rng.getstate(),
+                          {"data": corpus.path, "sha256": corpus.sha256, "mode": corpus.mode,
+                           "best_val": self.best_val})
+
+    def _run_info(self) -> dict:
+        corpus = self.corpus
+        return {"model": self.config.to_dict(), "train": self.tc.to_dict(), "data": corpus.path,
+                "sha256": corpus.sha256, "mode": corpus.mode,
+                "tokenizer": corpus.tokenizer.to_dict()}
+
+    def _describe(self, resume: bool, out, changes: list[str]) -> None:
+        if self.quiet or self.tc.log_format != "full":
+            return
+        message = self.progress.message
+        message(self.corpus.describe())
+        message(f"model: {model.num_params(self.params):,} parameters | "
+                + ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items())
+                + (f" | {self.workers.n} worker processes" if self.workers else "")
+                + (" | 2 processes (backward split)" if self.split else ""))
+        if resume:
+            message(f"resuming {out} at step {self.start}"
+                    + (": changed " + "; ".join(changes) if changes else ""))
+        tc = self.tc
+        if tc.warmup > tc.steps:
+            message(f"warning: --warmup {tc.warmup} exceeds --steps {tc.steps}: the learning "
+                    f"rate never reaches --lr {tc.lr:g} (it ends at "
+                    f"{optim.lr_at(tc.steps - 1, tc):.3g})")
+        seconds, step_seconds = self.estimate_seconds()
+        if seconds > LONG_RUN_SECONDS:
+            message(f"this run will take about {_clock(seconds)} ({tc.steps - self.start:,} "
+                    f"steps of {step_seconds:.2f} s, measured, with evaluations); fewer --steps "
+                    f"or a smaller model are faster, and Ctrl-C stops it with a checkpoint "
+                    f"that resumes")
+
+    def estimate_seconds(self) -> tuple[float, float]:
+        """(the run's remaining time, one step's), estimated. Only a run that may be long is
+        measured: one forward/backward pass of the first batch into throwaway gradients (the
+        real RNG, weights and gradients untouched)."""
+        tc, config = self.tc, self.config
+        tokens = tc.batch_size * tc.grad_accum * config.block_size
+        steps = tc.steps - self.start
+        # ~6 multiply-adds per parameter and token (forward 2, backward 4), at ~50 M/s
+        if steps <= 0 or 6 * model.num_params(self.params) * tokens * steps < \
+                LONG_RUN_SECONDS * 50e6 / 4:
+            return 0.0, 0.0
+        rng = random.Random()
+        rng.setstate(self.rng.getstate())
+        batch = [get_batch(self.corpus, self.start, j, tc, config.block_size, rng)
+                 for j in range(tc.grad_accum)]
+        t0 = time.perf_counter()
+        batch_grads(self.params, config, batch, model.zeros_like(self.params), self.workers)
+        step_seconds = time.perf_counter() - t0
+        evals = Progress(tc, self.start, True, evaluates=bool(self.corpus.val_examples))
+        per_eval = step_seconds / 3 * min(tc.eval_tokens or 10**9, sum(
+            len(t) for _, t in self.corpus.val_examples)) / tokens  # forward only
+        return step_seconds * steps + per_eval * evals.evals_left(self.start), step_seconds
+
+    def watch_loss(self, step: int, loss: float, val: float | None = None) -> None:
+        """One warning when the loss explodes: 10x the first step's, or a validation loss that
+        grew at EXPLODING_EVALS evaluations in a row."""
+        if self.warned:
+            return
+        if self.first_loss is None:
+            self.first_loss = loss
+        if val is not None:
+            self.vals.append(val)
+        grew = len(self.vals) > EXPLODING_EVALS and all(
+            a < b for a, b in zip(self.vals[-EXPLODING_EVALS - 1:], self.vals[-EXPLODING_EVALS:]))
+        if loss > 10 * self.first_loss or grew:
+            what = (f"the training loss ({loss:.4g}) is over 10x the first step's "
+                    f"({self.first_loss:.4g})" if not grew else
+                    f"the validation loss grew at {EXPLODING_EVALS} evaluations in a row")
+            self.warned = True
+            if not self.quiet:
+                self.progress.message(
+                    f"warning: at step {step + 1} {what}: --lr {self.tc.lr:g} may be too high "
+                    f"(try --lr {self.tc.lr / 10:g}, or --grad-clip 1.0)")
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: stop now (checkpoints stay intact)
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
+    def close(self) -> None:
+        """Give back what the setup took: signal handlers, worker processes."""
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        for pool in (self.workers, self.split):
+            if pool is not None:
+                pool.close()
+
+    def finish(self, samples: int) -> None:
+        """The summary (where the model is, what to try next), then `samples` documents (or
+        passages of continuous text) from the trained model, under a header."""
+        tc, result, stdout = self.tc, self.result, self.stdout
+        full = tc.log_format == "full"
+        if not self.quiet and full:
+            summary = f"trained to step {result.step}"
+            if self.best_val is not None:
+                summary += f" | val loss {result.last_val:.4f} (best {self.best_val:.4f})"
+            self.progress.message(summary)
+            if self.dir:
+                run = shlex.quote(self.dir.path)
+                kept = "best.safetensors (the lowest validation loss), last.safetensors" \
+                    if os.path.exists(self.dir.paths["best"]) else "last.safetensors"
+                self.progress.message(f"saved in {self.dir.path}/: {kept}, metrics.jsonl, "
+                                      f"loss.svg\nnext: puregpt sample {run}   (or: puregpt "
+                                      f"info {run}; puregpt train --resume {run} --steps "
+                                      f"{tc.steps * 2} to train on)")
+        if samples:
+            docs = self.corpus.mode == "docs"
+            if not full:
+                print("--- inference (new, hallucinated names) ---", file=stdout)
+            elif docs:
+                print(f"--- {samples} samples from the trained model (temperature 0.5) ---",
+                      file=stdout)
+            sample_rng = self.rng if not full else random.Random(tc.seed)
+            for i in range(samples):
+                if full and not docs:  # passages of text need a line of their own between
+                    print(f"--- sample {i + 1} of {samples} (temperature 0.5) ---", file=stdout)
+                text = generate_text(self.params, self.config, self.corpus.tokenizer,
+                                     docs_mode=docs, rng=sample_rng, temperature=0.5)
+                print(f"sample {i + 1:2d}: {text}" if not full else text, file=stdout)
+
+
+# --- the run's setup, step by step -------------------------------------------------------------
+
+
+def _resume_point(run_dir, model_config, overrides: dict):
+    """The checkpoint to resume, the training config with the overrides applied, and the
+    changes made (allowed ones; any other is refused)."""
+    out, last = run_dir.path, run_dir.paths["last"]
+    if not os.path.exists(last):
+        raise TrainingError(f"nothing to resume in {out}: no last.safetensors there")
+    ckpt = load_checkpoint(last)
+    if ckpt.train_config is None or ckpt.optimizer is None or ckpt.rng_state is None:
+        raise TrainingError(f"{last} has no training state (optimizer, RNG); it can seed a new "
+                            f"run with --init-from, not be resumed")
+    if model_config is not None and model_config != ckpt.config:
+        diff = [f"{k} {getattr(ckpt.config, k)!r} -> {getattr(model_config, k)!r}"
+                for k in ckpt.config.to_dict()
+                if getattr(ckpt.config, k) != getattr(model_config, k)]
+        raise TrainingError("cannot resume with a different model: " + "; ".join(diff))
+    changes = _check_resume_changes(ckpt.train_config, overrides)
+    tc = TrainConfig.from_dict({**ckpt.train_config.to_dict(), **overrides})
+    if ckpt.step >= tc.steps:
+        raise TrainingError(f"the run in {out} is already at step {ckpt.step} of {tc.steps}; "
+                            f"raise --steps to train further")
+    return ckpt, tc, changes
 
 
 def _check_resume_changes(saved: TrainConfig, overrides: dict) -> list[str]:
@@ -184,266 +607,37 @@ def _check_resume_changes(saved: TrainConfig, overrides: dict) -> list[str]:
     return changes
 
 
-def train(model_config: GPTConfig | None = None, train_config: TrainConfig | None = None,
-          data: str | None = None, out: str | None = None, resume: bool = False,
-          overrides: dict | None = None, init_from: str | None = None, force: bool = False,
-          quiet: bool = False, samples: int = 0, callback=None, stream=None,
-          stdout=None) -> TrainResult:
-    """Train a model; see the module docstring and `puregpt train --help`.
-
-    model_config: the model's shape (vocab_size is set from the data). train_config: the recipe.
-    out: run directory (None: keep nothing on disk). resume: continue the run in `out`, with
-    `overrides` (TrainConfig field -> value) applied where allowed. init_from: start from a
-    checkpoint's weights and vocabulary with a fresh optimizer (fine-tuning). callback(info) is
-    called after every step with a dict (step, loss, lr, tokens, val_loss); returning False
-    stops training after that step (a checkpoint is saved when out is set).
-    """
-    stdout = stdout or sys.stdout
-    paths = run_paths(out) if out else None
-    ckpt = None
-    if resume:
-        if not out:
-            raise TrainingError("resume needs the run directory (--resume DIR)")
-        if not os.path.exists(paths["last"]):
-            raise TrainingError(f"nothing to resume in {out}: no last.safetensors there")
-        ckpt = load_checkpoint(paths["last"])
-        if ckpt.train_config is None or ckpt.optimizer is None or ckpt.rng_state is None:
-            raise TrainingError(f"{paths['last']} has no training state (optimizer, RNG); it "
-                                f"can seed a new run with --init-from, not be resumed")
-        if model_config is not None and model_config != ckpt.config:
-            diff = [f"{k} {getattr(ckpt.config, k)!r} -> {getattr(model_config, k)!r}"
-                    for k in ckpt.config.to_dict() if getattr(ckpt.config, k)
-                    != getattr(model_config, k)]
-            raise TrainingError("cannot resume with a different model: " + "; ".join(diff))
-        changes = _check_resume_changes(ckpt.train_config, overrides or {})
-        tc = TrainConfig.from_dict({**ckpt.train_config.to_dict(), **(overrides or {})})
-        config = ckpt.config
-        data = data or ckpt.trainer.get("data")
-    else:
-        changes = []
-        tc = train_config or TrainConfig()
-        if out and os.path.exists(paths["last"]) and not force:
-            step = load_checkpoint(paths["last"]).step
-            raise TrainingError(f"{out} already holds a run (at step {step}): continue it with "
-                                f"--resume {out}, or choose another --out (or --force to "
-                                f"replace it)")
-    if resume and ckpt.step >= tc.steps:
-        raise TrainingError(f"the run in {out} is already at step {ckpt.step} of {tc.steps}; "
-                            f"raise --steps to train further")
-
-    rng = random.Random(tc.seed)
-    seed_ckpt = ckpt or (load_checkpoint(init_from) if init_from else None)
+def _load_data(data, tc: TrainConfig, rng, seed_ckpt, model_config) -> Corpus:
+    """The corpus, encoded with the checkpoint's vocabulary when there is one (resume,
+    fine-tuning), else with a new one learned from the training text."""
     block_size = (seed_ckpt.config if seed_ckpt else model_config or GPTConfig()).block_size
     try:
-        corpus = load_corpus(data, tc, block_size, rng,
-                             tokenizer=seed_ckpt.tokenizer if seed_ckpt else None,
-                             make_tokenizer=_bpe_maker(tc) if tc.tokenizer == "bpe" else None)
+        return load_corpus(data, tc, block_size, rng,
+                           tokenizer=seed_ckpt.tokenizer if seed_ckpt else None,
+                           make_tokenizer=_bpe_maker(tc) if tc.tokenizer == "bpe" else None)
     except DataError as e:
         if seed_ckpt and "not in the vocabulary" in str(e):
             raise TrainingError(f"the data does not fit the checkpoint's vocabulary: {e}") from None
         raise
 
-    if resume:
-        params, opt_state, start = ckpt.params, ckpt.optimizer, ckpt.step
+
+def _starting_point(ckpt, seed_ckpt, model_config, corpus: Corpus, rng):
+    """(config, params, optimizer state, first step, best validation loss so far): the resumed
+    run's, a fine-tuned checkpoint's weights with a fresh optimizer, or new weights."""
+    if ckpt is not None:  # resume
         rng.setstate(ckpt.rng_state)
-        best_val = ckpt.trainer.get("best_val")
-        if ckpt.trainer.get("sha256") not in (None, corpus.sha256):
-            print(f"warning: {corpus.path} changed since the checkpoint was written; training "
-                  f"continues on the new text, so it will not match the original run",
-                  file=stream or sys.stderr)
+        return (ckpt.config, ckpt.params, ckpt.optimizer, ckpt.step,
+                ckpt.trainer.get("best_val"))
+    if seed_ckpt is not None:  # --init-from
+        if model_config is not None and model_config != seed_ckpt.config:
+            raise TrainingError("--init-from takes the model's shape from the checkpoint; do not "
+                                "pass model flags with it")
+        config, params = seed_ckpt.config, seed_ckpt.params
     else:
-        if seed_ckpt:
-            config = seed_ckpt.config
-            if model_config is not None and model_config != config:
-                raise TrainingError("--init-from takes the model's shape from the checkpoint; "
-                                    "do not pass model flags with it")
-            params = seed_ckpt.params
-        else:
-            config = GPTConfig.from_dict({**(model_config or GPTConfig()).to_dict(),
-                                          "vocab_size": corpus.tokenizer.vocab_size})
-            params = model.init_params(config, rng)
-        opt_state, start, best_val = optim.new_state(params), 0, None
-
-    def snapshot(step):
-        if split is not None:  # the helper process holds part of the Adam moments
-            split.pull_optimizer_state(opt_state)
-        return Checkpoint(config, corpus.tokenizer, params, step, tc, opt_state, rng.getstate(),
-                          {"data": corpus.path, "sha256": corpus.sha256, "mode": corpus.mode,
-                           "best_val": best_val})
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C: stop now (checkpoints stay intact)
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    lock, metrics_file, workers, split, handlers = None, None, None, None, {}
-    progress = Progress(tc, start, quiet, stream, stdout)
-    grads = model.zeros_like(params)
-    result = TrainResult(params, config, corpus.tokenizer, tc, corpus, start, best_val=best_val)
-    try:  # everything taken from here on (lock, files, processes, handlers) is given back below
-        if out:
-            os.makedirs(out, exist_ok=True)
-            lock = _lock_run(out)
-            for path in paths.values():  # temporary files of a write a crash cut short
-                folder, name = os.path.split(path)
-                for leftover in glob.glob(os.path.join(glob.escape(folder), f".{name}.*.tmp")):
-                    os.unlink(leftover)
-            run_info = {"model": config.to_dict(), "train": tc.to_dict(), "data": corpus.path,
-                        "sha256": corpus.sha256, "mode": corpus.mode,
-                        "tokenizer": corpus.tokenizer.to_dict()}
-            atomic_write(paths["config"], [json.dumps(run_info, indent=2).encode() + b"\n"])
-            # rows logged after the checkpoint we resume from belong to a future that never was
-            keep = [r for r in read_metrics(paths["metrics"]) if r["step"] <= start] \
-                if resume and os.path.exists(paths["metrics"]) else []
-            atomic_write(paths["metrics"], [json.dumps(r).encode() + b"\n" for r in keep])
-            metrics_file = open(paths["metrics"], "a", encoding="utf-8")
-            if not resume:
-                # a run replaced with --force must not leave its best checkpoint behind:
-                # `sample` and `info` prefer best.safetensors, and this run may never write one
-                if os.path.exists(paths["best"]):
-                    os.unlink(paths["best"])
-                save_checkpoint(paths["last"], snapshot(0))
-
-        from .parallel import available_cpus
-        n_workers = tc.workers or available_cpus()
-        if n_workers > 1 and tc.batch_size > 1:
-            from .parallel import WorkerPool
-            workers = _start_workers(lambda: WorkerPool(config, min(n_workers, tc.batch_size)))
-        elif n_workers > 1 and tc.grad_accum == 1 and tc.grad_clip == 0:
-            # one sequence per step: split its backward pass and update across two processes
-            # (clipping would need every gradient before any update)
-            from .parallel import SplitStep
-            split = _start_workers(lambda: SplitStep(config, tc, params, opt_state))
-
-        if not quiet and tc.log_format == "full":
-            progress.message(corpus.describe())
-            progress.message(f"model: {model.num_params(params):,} parameters | "
-                             + ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
-                             + (f" | {workers.n} worker processes" if workers else "")
-                             + (" | 2 processes (backward split)" if split else ""))
-            if resume:
-                progress.message(f"resuming {out} at step {start}"
-                                 + (": changed " + "; ".join(changes) if changes else ""))
-
-        if out and _main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, on_signal)
-
-        t_start = time.perf_counter()
-        for step in range(start, tc.steps):
-            t0 = time.perf_counter()
-            lr = optim.lr_at(step, tc)
-            micro = [get_batch(corpus, step, j, tc, config.block_size, rng)
-                     for j in range(tc.grad_accum)]
-            if split is not None:  # updates the weights too, unless the loss is not finite
-                loss, n_tokens = split.step(params, grads, *micro[0], lr, opt_state)
-            else:
-                optim.zero_grads(grads)
-                loss, n_tokens = batch_grads(params, config, micro, grads, workers)
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss} at step {step + 1}; stopped without updating the "
-                    f"weights" + (f" (the last good checkpoint, {paths['last']}, is kept)"
-                                  if out else "") + "; try a lower --lr or --grad-clip 1.0")
-            if tc.grad_clip > 0:
-                optim.clip_grads(grads, tc.grad_clip)
-            if split is None:
-                optim.adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2, tc.eps,
-                                 tc.weight_decay)
-            result.step = step + 1
-            result.losses.append(loss)
-            row = {"step": step + 1, "loss": loss, "lr": lr, "tokens": n_tokens,
-                   "tokens_per_s": n_tokens / max(time.perf_counter() - t0, 1e-9),
-                   "time": time.perf_counter() - t_start}
-            final = step + 1 == tc.steps
-            evaluated = bool(corpus.val_examples) and (
-                final or (tc.eval_every and (step + 1) % tc.eval_every == 0))
-            wants_params = final or evaluated or stop["signal"] is not None or callback
-            if split is not None and wants_params:
-                split.sync()  # the helper's last updates, otherwise picked up by the next step
-            if evaluated:
-                val = evaluate(params, config, corpus.val_examples, workers)
-                row["val_loss"] = result.last_val = val
-                if corpus.mode == "docs":
-                    row["novel_frac"] = novelty(params, config, corpus, tc.seed + step)
-                if best_val is None or val < best_val:
-                    best_val = result.best_val = val
-                    if out:
-                        save_checkpoint(paths["best"], snapshot(step + 1))
-                progress.val, progress.best = val, best_val
-                progress.novel = row.get("novel_frac")
-            if metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            progress.step(step, loss, lr, n_tokens, evaluated)
-            if out and (evaluated or final):
-                save_checkpoint(paths["last"], snapshot(step + 1))
-                atomic_write(paths["plot"], [render_loss_svg(read_metrics(paths["metrics"]))
-                                             .encode()])
-            wants_stop = callback is not None and callback(
-                {"step": step + 1, "loss": loss, "lr": lr, "tokens": n_tokens,
-                 "val_loss": row.get("val_loss")}) is False
-            if (stop["signal"] is not None or wants_stop) and not final:
-                if out:
-                    save_checkpoint(paths["last"], snapshot(step + 1))
-                    atomic_write(paths["plot"], [render_loss_svg(read_metrics(paths["metrics"]))
-                                                 .encode()])
-                if stop["signal"] is not None:
-                    raise Interrupted(
-                        f"interrupted at step {step + 1} of {tc.steps}; saved {paths['last']}. "
-                        f"Resume with: puregpt train --resume {out}", stop["signal"])
-                break
-    finally:
-        if metrics_file:
-            metrics_file.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        for pool in (workers, split):
-            if pool is not None:
-                pool.close()
-        if lock is not None:
-            os.close(lock)  # releases the run directory's lock
-
-    if not quiet and tc.log_format == "full":
-        summary = f"trained to step {result.step}"
-        if best_val is not None:
-            summary += f" | val loss {result.last_val:.4f} (best {best_val:.4f})"
-        if out:
-            summary += f" | saved in {out}/"
-        progress.message(summary)
-    if samples:
-        if tc.log_format == "microgpt":
-            print("--- inference (new, hallucinated names) ---", file=stdout)
-        sample_rng = rng if tc.log_format == "microgpt" else random.Random(tc.seed)
-        for i in range(samples):
-            text = generate_text(params, config, corpus.tokenizer, docs_mode=corpus.mode == "docs",
-                                 rng=sample_rng, temperature=0.5)
-            print(f"sample {i + 1:2d}: {text}" if tc.log_format == "microgpt" else text,
-                  file=stdout)
-    return result
-
-
-def _lock_run(out: str) -> int | None:
-    """Refuse to train into a directory another puregpt process is training in: their writes
-    would interleave. The lock is an flock on DIR/.lock, held through the returned descriptor
-    until training ends (closing it releases the lock, as does the process's end, however it
-    ends). Where flock does not exist (Windows), there is no check and None is returned."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise TrainingError(f"another puregpt process is training in {out}; wait for it to "
-                            f"finish or stop it (its checkpoint then resumes with --resume)")
-    # forked worker processes share this descriptor; they end before the lock is released,
-    # and if this process dies their pipes break and they exit, so the lock never outlives it
-    return fd
+        config = GPTConfig.from_dict({**(model_config or GPTConfig()).to_dict(),
+                                      "vocab_size": corpus.tokenizer.vocab_size})
+        params = model.init_params(config, rng)
+    return config, params, optim.new_state(params), 0, None
 
 
 def _bpe_maker(tc: TrainConfig):
@@ -454,9 +648,32 @@ def _bpe_maker(tc: TrainConfig):
     return make
 
 
+def _start_parallel(config, tc: TrainConfig, params, opt_state):
+    """(worker pool, split step): processes that share each step, or (None, None) on one."""
+    from .parallel import available_cpus
+    n_workers = tc.workers or available_cpus()
+    if n_workers > 1 and tc.batch_size > 1:
+        from .parallel import WorkerPool
+        return _start_workers(lambda: WorkerPool(config, min(n_workers, tc.batch_size))), None
+    if n_workers > 1 and tc.grad_accum == 1 and tc.grad_clip == 0:
+        # one sequence per step: split its backward pass and update across two processes
+        # (clipping would need every gradient before any update)
+        from .parallel import SplitStep
+        return None, _start_workers(lambda: SplitStep(config, tc, params, opt_state))
+    return None, None
+
+
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _catch_signals(handler) -> dict:
+    """SIGINT and SIGTERM call handler (which lets the step finish and save) instead of
+    killing the run; returns the previous handlers. Only the main thread can set handlers."""
+    if not _main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _start_workers(start):
@@ -473,3 +690,119 @@ def _start_workers(start):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+# --- the run directory -------------------------------------------------------------------------
+
+
+class RunDir:
+    """A run directory, locked for one trainer from the moment it is opened until close().
+
+    The lock comes first, before anything in the directory is read: two trainers started at
+    once on one --out cannot both see "no run here" and both train (the second would silently
+    replace the first's finished run). It is an flock on DIR/.lock; close() removes the file
+    while still holding the lock, and a trainer whose lock file was removed under it takes the
+    new one, so no empty .lock stays behind. A new directory that ends up holding nothing (the
+    data was refused, say) is removed again. Where flock does not exist (Windows), there is no
+    lock."""
+
+    def __init__(self, out: str, create: bool):
+        self.path, self.paths = out, run_paths(out)
+        self.created, self.metrics = False, None
+        if not os.path.isdir(out):
+            if os.path.lexists(out):
+                raise TrainingError(f"--out {out} exists and is not a directory")
+            if not create:
+                raise TrainingError(f"nothing to resume in {out}: no last.safetensors there")
+            os.makedirs(out)
+            self.created = True
+        self.lock = _lock_run(out)
+
+    def refuse_to_replace(self) -> None:
+        if os.path.exists(self.paths["last"]):
+            step = load_checkpoint(self.paths["last"]).step
+            raise TrainingError(f"{self.path} already holds a run (at step {step}): continue it "
+                                f"with --resume {self.path}, or choose another --out (or --force "
+                                f"to replace it)")
+
+    def begin(self, run_info: dict, resume: bool, start: int, snapshot) -> None:
+        """Ready the directory for training from step `start`: leftovers of a write a crash cut
+        short removed, config.json written, metrics.jsonl cut back to the resumed step (rows
+        after it belong to a future that never was), a new run's first checkpoint."""
+        for path in self.paths.values():
+            folder, name = os.path.split(path)
+            for leftover in glob.glob(os.path.join(glob.escape(folder), f".{name}.*.tmp")):
+                os.unlink(leftover)
+        atomic_write(self.paths["config"], [json.dumps(run_info, indent=2).encode() + b"\n"])
+        metrics = self.paths["metrics"]
+        keep = [r for r in read_metrics(metrics) if r["step"] <= start] \
+            if resume and os.path.exists(metrics) else []
+        atomic_write(metrics, [json.dumps(r).encode() + b"\n" for r in keep])
+        self.metrics = open(metrics, "a", encoding="utf-8")
+        if not resume:
+            # a run replaced with --force must not leave its best checkpoint behind: `sample`
+            # and `info` prefer best.safetensors, and this run may never write one
+            if os.path.exists(self.paths["best"]):
+                os.unlink(self.paths["best"])
+            save_checkpoint(self.paths["last"], snapshot(0))
+
+    def append_metrics(self, row: dict) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def save_best(self, ckpt: Checkpoint) -> None:
+        save_checkpoint(self.paths["best"], ckpt)
+
+    def save_last(self, ckpt: Checkpoint) -> None:
+        """The resumable checkpoint, and the loss plot redrawn from the metrics so far."""
+        save_checkpoint(self.paths["last"], ckpt)
+        atomic_write(self.paths["plot"],
+                     [render_loss_svg(read_metrics(self.paths["metrics"])).encode()])
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.lock is not None:
+            _unlock_run(self.path, self.lock)
+            self.lock = None
+        if self.created and not os.listdir(self.path):  # nothing was written: leave no trace
+            os.rmdir(self.path)
+
+
+def _lock_run(out: str) -> int | None:
+    """Refuse to train into a directory another puregpt process is training in: their writes
+    would interleave. The lock is an flock on DIR/.lock, held through the returned descriptor
+    until _unlock_run (closing it releases the lock, as does the process's end, however it
+    ends). Where flock does not exist (Windows), there is no check and None is returned."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = os.path.join(out, ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise TrainingError(f"another puregpt process is training in {out}; wait for it to "
+                                f"finish or stop it (its checkpoint then resumes with --resume)")
+        try:  # the file we locked may have been removed by the trainer that held it: retry
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    # forked worker processes share this descriptor; they end before the lock is released,
+    # and if this process dies their pipes break and they exit, so the lock never outlives it
+    return fd
+
+
+def _unlock_run(out: str, fd: int) -> None:
+    """Remove the lock file while holding the lock, then release it (see RunDir)."""
+    try:
+        os.unlink(os.path.join(out, ".lock"))
+    except FileNotFoundError:
+        pass
+    os.close(fd)

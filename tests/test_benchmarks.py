@@ -19,6 +19,14 @@ RUN = REPO / "benchmarks" / "run.py"
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
+def load_run():
+    """benchmarks/run.py as a module (it puts benchmarks/ on sys.path for its bench_* modules)."""
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    return run
+
+
 def run_bench(name: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, str(RUN), name, "--quick", "--json", str(out), *extra],
@@ -77,6 +85,13 @@ def test_train_tiny_without_torch(tmp_path):
     assert ("skipped: --no-torch" if HAVE_TORCH else "skipped: torch not installed") in stdout
 
 
+def test_race(tmp_path):
+    r, stdout = run_bench("race", tmp_path)
+    check_race(r, HAVE_TORCH)
+    assert r["rounds"] == 1 and len(r["puregpt_seconds_all"]) == 1
+    assert "### race: 20 steps + 20 samples" in stdout
+
+
 def test_train_large(tmp_path):
     r, _ = run_bench("train-large", tmp_path)
     C = r["config"]["n_embd"]
@@ -113,12 +128,9 @@ def test_memory(tmp_path):
 
 def test_mac_formula():
     """forward = N (12 L C^2 + V C) + L C sum T (T + 1); total = 3 x forward."""
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
     from puregpt.config import GPTConfig
     cfg = GPTConfig(vocab_size=3, n_embd=2, n_head=1, n_layer=1, block_size=4)
-    macs = run.macs_per_step(cfg, [2, 3])
+    macs = load_run().BENCHMARKS["train-large"].macs_per_step(cfg, [2, 3])
     # matmuls per position: q, k, v, o 4 * 2 * 2, fc1 and fc2 2 * 8 * 2, lm_head 3 * 2 -> 54
     assert macs["forward_matmul"] == 5 * 54
     # attention: q.k and a.v over the causal triangle, C * T(T+1)/2 each
@@ -136,3 +148,69 @@ def test_torch_microgpt_script_prints_microgpt_lines():
     lines = proc.stdout.splitlines()
     assert "step    3 /    3 | loss " in proc.stdout
     assert sum(line.startswith("sample ") for line in lines) == 2
+
+
+def test_every_benchmark_keeps_the_harness_contract():
+    """Each registered benchmark has sizes for both modes (the same keys, none shared with
+    another benchmark), run/table/summary_rows, and a --quick test in this file."""
+    benchmarks = load_run().BENCHMARKS
+    seen = set()
+    for name, bench in benchmarks.items():
+        assert bench.FULL and set(bench.FULL) == set(bench.QUICK), name
+        assert not set(bench.FULL) & seen, f"{name} reuses another benchmark's size keys"
+        seen |= set(bench.FULL)
+        for function in ("run", "table", "summary_rows"):
+            assert callable(getattr(bench, function, None)), f"{name} lacks {function}()"
+        test = "test_" + name.replace("-", "_")
+        assert any(t.startswith(test) for t in globals()), f"no {test}* runs {name} --quick"
+
+
+def load_harness():
+    load_run()  # puts benchmarks/ on sys.path
+    import harness
+    return harness
+
+
+def test_alternate_reverses_the_order_every_other_round():
+    harness = load_harness()
+    calls = []
+    contenders = {name: (lambda r, name=name: calls.append((r, name)) or f"{name}{r}")
+                  for name in ("a", "b", "c")}
+    results, seconds = harness.alternate(contenders, 3)
+    assert calls == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"),
+                     (2, "a"), (2, "b"), (2, "c")]
+    assert results == {"a": ["a0", "a1", "a2"], "b": ["b0", "b1", "b2"], "c": ["c0", "c1", "c2"]}
+    assert all(len(s) == 3 and min(s) >= 0 for s in seconds.values())
+
+
+def test_sizes_quick_full_overrides_and_clear_errors():
+    import argparse
+    import types
+    harness = load_harness()
+    one = types.SimpleNamespace(FULL={"x_steps": 100, "x_rounds": 3},
+                                QUICK={"x_steps": 2, "x_rounds": 1})
+    two = types.SimpleNamespace(FULL={"y": 5}, QUICK={"y": 1})
+    parser = argparse.ArgumentParser()
+    harness.size_options(parser, one.FULL, one.QUICK, "x_steps")
+    args = parser.parse_args(["--x-steps", "7"])
+    args.quick = False
+    assert harness.sizes({"one": one, "two": two}, args) == {"x_steps": 7, "x_rounds": 3, "y": 5}
+    args = parser.parse_args([])
+    args.quick = True
+    assert harness.sizes({"one": one, "two": two}, args) == {"x_steps": 2, "x_rounds": 1, "y": 1}
+    with pytest.raises(ValueError, match="redefines another's sizes: \\['y'\\]"):
+        harness.sizes({"two": two, "again": two}, args)
+    with pytest.raises(ValueError, match="same keys"):
+        harness.sizes({"bad": types.SimpleNamespace(FULL={"a": 1}, QUICK={})}, args)
+
+
+@pytest.mark.parametrize("words, message", [
+    (["sample", "--tiny-steps", "0"], "argument --tiny-steps: must be >= 1, not 0"),
+    (["sample", "--workers", "1"], "argument --workers: must be >= 2, not 1"),
+    (["sample", "--large-batch", "x"], "argument --large-batch: not a whole number: 'x'"),
+    (["nonsense"], "argument NAME: invalid choice: 'nonsense'"),
+])
+def test_bad_command_line_is_refused_before_anything_runs(words, message):
+    proc = subprocess.run([sys.executable, str(RUN), *words], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
