@@ -6,6 +6,7 @@ with the package's names and numbers (same data, same losses), written to be rea
 
 Gradients are derived by hand: an op's forward returns (out, cache); its backward maps d loss /
 d out to d loss / d input and adds (+=) its weights' gradients into the d-prefixed buffers.
+docs/math.md derives each one from the chain rule; comments link to its sections.
 """
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 n_layer, n_embd, n_head, block_size = 1, 16, 4, 16  # block_size: the longest context
 head_dim = n_embd // n_head
 init_std, norm_eps = 0.08, 1e-5
-lr, beta1, beta2, eps = 0.01, 0.85, 0.99, 1e-8  # Adam; lr decays linearly to 0
+lr, beta1, beta2, eps = 0.01, 0.85, 0.99, 1e-8  # Adam; lr: docs/math.md#learning-rate-schedules
 temperature, top_k, top_p = 0.5, 0, 1.0  # sampling; top_k = 0 and top_p = 1.0 switch those off
 
 # --- data: one document per stripped non-empty line, shuffled by the seeded rng ---
@@ -51,10 +52,10 @@ def zeros_like(params):
 def dot(a, b):
     return sum(map(mul, a, b))  # sum_i a_i b_i: where nearly all the time goes
 
-def add(A, B):  # A + B row by row: a residual connection, or two gradients meeting
+def add(A, B):  # A + B: a residual, or two gradients meeting (docs/math.md#residual-connection)
     return [[a + b for a, b in zip(row_a, row_b)] for row_a, row_b in zip(A, B)]
 
-def linear(X, W):
+def linear(X, W):  # docs/math.md#linear
     return [[dot(w, x) for w in W] for x in X], (X, W)  # Y = X W^T: each row x becomes W x
 
 def linear_backward(dY, cache, dW):  # dX = dY W;  dW += dY^T X
@@ -64,7 +65,7 @@ def linear_backward(dY, cache, dW):  # dX = dY W;  dW += dY^T X
         dw_row[:] = [d + dot(dy_col, x_col) for d, x_col in zip(dw_row, X_cols)]
     return [[dot(w_col, dy) for w_col in W_cols] for dy in dY]
 
-def rmsnorm(X):  # y = x r with r = 1 / sqrt(mean(x^2) + eps), row by row (no learned gain)
+def rmsnorm(X):  # y = x r, r = (mean(x^2) + eps)^-1/2 by row (no gain): docs/math.md#rmsnorm
     rstds = [(dot(x, x) / len(x) + norm_eps) ** -0.5 for x in X]
     Y = [[xi * r for xi in x] for x, r in zip(X, rstds)]
     return Y, (Y, rstds)
@@ -76,13 +77,13 @@ def rmsnorm_backward(dY, cache):
     return [[(g - yi * proj) * r for g, yi in zip(dy, y)]
             for dy, y, r, proj in zip(dY, Y, rstds, projs)]
 
-def relu(X):
+def relu(X):  # docs/math.md#relu
     return [[x if x > 0.0 else 0.0 for x in row] for row in X], X
 
 def relu_backward(dY, X):  # d relu(x) / dx = 1 where x > 0, else 0
     return [[g if x > 0.0 else 0.0 for g, x in zip(dy, row)] for dy, row in zip(dY, X)]
 
-def softmax(z):
+def softmax(z):  # docs/math.md#softmax
     m = max(z)  # exp(z - max z) / sum: the same numbers, but exp cannot overflow
     e = [math.exp(zi - m) for zi in z]
     s = sum(e)
@@ -91,7 +92,7 @@ def softmax(z):
 def heads(M):  # the (T, head_dim) slices of M (T, C), one per head
     return [[row[h * head_dim:(h + 1) * head_dim] for row in M] for h in range(n_head)]
 
-def attention(Q, K, V):
+def attention(Q, K, V):  # docs/math.md#causal-self-attention
     """Causal self-attention, per head: s[t][u] = q_t . k_u / sqrt(head_dim), masked to -inf for
     u > t (no looking ahead); a[t] = softmax(s[t]); out_t = sum over u of a[t][u] v_u."""
     T, scale = len(Q), 1 / math.sqrt(head_dim)
@@ -145,7 +146,7 @@ def forward(params, tokens):  # logits (T, V) at every position of one sequence,
     logits, cache["lm_head"] = linear(x, params["lm_head"])
     return logits, cache
 
-# --- loss: mean cross-entropy of the next token ---
+# --- loss: mean cross-entropy of the next token (docs/math.md#cross-entropy) ---
 def cross_entropy(logits, targets):  # mean over t of -log softmax(z_t)[y_t]
     probs = [softmax(z) for z in logits]
     loss = -sum(math.log(p[y]) for p, y in zip(probs, targets)) / len(targets)
@@ -156,7 +157,7 @@ def cross_entropy_backward(cache):  # d loss / d z_t = (softmax(z_t) - onehot(y_
     return [[(p - 1.0 if i == y else p) / len(targets) for i, p in enumerate(p_t)]
             for p_t, y in zip(probs, targets)]
 
-# --- backward: the forward pass in reverse, from d loss / d logits to every weight ---
+# --- backward: the forward pass in reverse (docs/math.md#the-model-as-equations) ---
 def backward(dlogits, cache, params):
     grads = zeros_like(params)
     dx = linear_backward(dlogits, cache["lm_head"], grads["lm_head"])  # logits = x lm_head^T
@@ -176,13 +177,13 @@ def backward(dlogits, cache, params):
         dh = add(dh, linear_backward(dv, cache[p + "attn_wv"], grads[p + "attn_wv"]))  # + dv wv
         dx = add(dx, rmsnorm_backward(dh, cache[p + "attn_norm"]))  # residual + attention path
     dx = rmsnorm_backward(dx, cache["emb_norm"])  # x = rmsnorm(wte[tok] + wpe[pos])
-    # x = wte[tok] + wpe[pos]: each row's gradient goes to the two table rows it came from
+    # x = wte[tok] + wpe[pos]: a scatter-add into both tables (docs/math.md#embedding-lookup)
     for pos, (tok, dx_t) in enumerate(zip(cache["tokens"], dx)):
         grads["wte"][tok] = [g + d for g, d in zip(grads["wte"][tok], dx_t)]
         grads["wpe"][pos] = [g + d for g, d in zip(grads["wpe"][pos], dx_t)]
     return grads
 
-# --- optimizer: Adam with bias correction, and the learning-rate schedule ---
+# --- optimizer: Adam with bias correction (docs/math.md#adam-with-bias-correction) ---
 def adam(params, grads, m, v, t, lr_t):  # step t = 1, 2, ... of every weight, in place
     for name, W in params.items():
         for w, g, m_row, v_row in zip(W, grads[name], m[name], v[name]):

@@ -6,6 +6,7 @@
     python benchmarks/run.py train-large       # ~200K parameters: MAC/s vs the dot ceiling, workers
     python benchmarks/run.py sample            # KV-cached generation vs full re-forward
     python benchmarks/run.py memory            # peak RSS of training, fresh processes
+    python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
     python benchmarks/run.py all --quick       # tiny sizes, for CI (asserts the checks, not speed)
 
 Every benchmark compares within ONE run (ratios), alternating the contenders and keeping each
@@ -27,6 +28,7 @@ if str(BENCH_DIR) not in sys.path:  # when loaded by path rather than run as a s
     sys.path.insert(0, str(BENCH_DIR))
 
 import bench_memory  # noqa: E402
+import bench_notebook  # noqa: E402
 import bench_race  # noqa: E402
 import bench_sample  # noqa: E402
 import bench_train_large  # noqa: E402
@@ -40,6 +42,7 @@ BENCHMARKS = {
     "train-large": bench_train_large,
     "sample": bench_sample,
     "memory": bench_memory,
+    "notebook": bench_notebook,
 }
 
 

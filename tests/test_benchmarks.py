@@ -126,6 +126,17 @@ def test_memory(tmp_path):
     assert r["tiny"]["params"] == 4192 and r["large"]["params"] > r["tiny"]["params"]
 
 
+@pytest.mark.oracle
+def test_notebook(tmp_path):
+    import ipykernel  # noqa: F401  (the oracle: the benchmark only skips without them)
+    import nbclient  # noqa: F401
+    r, stdout = run_bench("notebook", tmp_path)
+    assert r["train_steps"] == 10 and r["code_cells"] >= 10 and r["cells_ran_without_error"]
+    assert positive(r["run_all_seconds"]) and r["run_all_seconds"] >= r["cells_seconds"] > 0
+    assert r["meets_target"] is None and "- (--quick)" in stdout  # the target: full runs only
+    assert len(r["slowest_cells"]) == 3 and r["slowest_cells"][0][0] >= r["slowest_cells"][1][0]
+
+
 def test_mac_formula():
     """forward = N (12 L C^2 + V C) + L C sum T (T + 1); total = 3 x forward."""
     from puregpt.config import GPTConfig
