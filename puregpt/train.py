@@ -22,6 +22,7 @@ and (through the step) the data position, so that it is bit-identical to a run t
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -317,6 +318,9 @@ class Run:
             if run_dir is not None and not force:
                 run_dir.refuse_to_replace()
         self.tc, self.rng = tc, random.Random(tc.seed)
+        if model_config is not None and not resume:  # too big a model fails before the data
+            model.check_size(dataclasses.replace(model_config, vocab_size=max(
+                model_config.vocab_size, tc.vocab_size if tc.tokenizer == "bpe" else 2)))
         seed_ckpt = ckpt or (load_checkpoint(init_from) if init_from else None)
         self.corpus = _load_data(data, tc, self.rng, seed_ckpt, model_config)
         (self.config, self.params, self.opt_state, self.start,
@@ -785,8 +789,11 @@ class RunDir:
             save_checkpoint(self.paths["last"], snapshot(0))
 
     def append_metrics(self, row: dict) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        except OSError as e:  # disk full: say which file
+            raise OSError(e.errno, f"cannot write {self.paths['metrics']}: {e.strerror}") from e
 
     def save_best(self, ckpt: Checkpoint) -> None:
         save_checkpoint(self.paths["best"], ckpt)

@@ -14,6 +14,9 @@ def layout() -> set[str]:
     block = re.search(r"## Layout\n\n```\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
     paths, folder = set(), ""
     for line in block.group(1).splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent > 2:  # a description's second line
+            continue
         name = line.split()[0]
         if not line.startswith(" "):
             folder = name if name.endswith("/") else ""
