@@ -290,7 +290,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .hf import export_hf
+    from .hf import check_optimizer, export_hf, export_optimizer
     if args.model is not None:  # export -m RUN OUT_DIR
         if len(args.paths) != 1:
             raise ConfigError("export -m RUN takes one more argument: OUT_DIR")
@@ -302,7 +302,11 @@ def cmd_export(args) -> int:
     else:
         raise ConfigError("export takes [RUN] OUT_DIR (RUN defaults to ./run)")
     path, ckpt = _load(run)
+    if args.with_optimizer:
+        check_optimizer(ckpt)
     export_hf(ckpt, out_dir, args.dtype.upper())
+    if args.with_optimizer:
+        export_optimizer(ckpt, out_dir, args.dtype.upper())
     args.out_dir = out_dir
     print(f"exported {path} to {args.out_dir}: " + ", ".join(sorted(os.listdir(args.out_dir))))
     return 0
@@ -437,6 +441,9 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="f32", choices=["f32", "f64"], type=str.lower,
                    help="precision of the weights in model.safetensors (default f32; f64 keeps "
                    "puregpt's weights bit for bit)")
+    e.add_argument("--with-optimizer", action="store_true", help="also write the AdamW moments "
+                   "and step count as optimizer.safetensors (torch.optim.AdamW's state names), "
+                   "so examples/continue_in_pytorch.py continues with the same optimizer state")
     e.set_defaults(func=cmd_export)
 
     ih = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 directory into a "

@@ -330,7 +330,90 @@ def _export_files(ckpt: Checkpoint, dtype: str) -> dict:
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": CHAR_BOS_TOKEN,
             "eos_token": CHAR_BOS_TOKEN, "clean_up_tokenization_spaces": False,
             "model_max_length": block})]
+    files[DATA_RECIPE_FILE] = lambda: [_json_bytes(data_recipe(ckpt))]
     return files
+
+
+# --- the data recipe and the optimizer state, for continuing elsewhere -------------------------
+
+DATA_RECIPE_FILE = "puregpt_data.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def data_recipe(ckpt: Checkpoint) -> dict:
+    """How the model's text was read, so another trainer (examples/continue_in_pytorch.py) can
+    rebuild the same tokens and the same train/validation split with data.load_corpus: the data
+    file and its SHA-256, the mode, the tokenizer kind, the block size, and the whole
+    TrainConfig (seed, data_seed, val_fraction, long_docs, eval_tokens, the optimizer's
+    settings). None where the checkpoint does not know (an imported model)."""
+    tc = ckpt.train_config
+    return {"data": ckpt.trainer.get("data"), "sha256": ckpt.trainer.get("sha256"),
+            "mode": ckpt.trainer.get("mode"), "tokenizer": ckpt.tokenizer.kind,
+            "block_size": ckpt.config.block_size, "step": ckpt.step,
+            "train_config": tc.to_dict() if tc is not None else None}
+
+
+def read_data_recipe(hf_dir) -> dict:
+    """An exported directory's data recipe (see data_recipe), {} when it has none."""
+    path = os.path.join(os.fspath(hf_dir), DATA_RECIPE_FILE)
+    return _read_json(path) if os.path.lexists(path) else {}
+
+
+def read_tokenizer(hf_dir):
+    """The puregpt tokenizer (CharTokenizer or BPETokenizer) of a Hugging Face directory,
+    without reading its weights."""
+    hf_dir = os.fspath(hf_dir)
+    kind, missing = _tokenizer_files(hf_dir)
+    if missing:
+        raise CheckpointError(f"{hf_dir}: missing file(s): {', '.join(missing)}")
+    return _read_tokenizer(hf_dir, kind, _read_json(os.path.join(hf_dir, "config.json")))
+
+
+def check_optimizer(ckpt: Checkpoint) -> None:
+    """Refuse (before anything is written) a checkpoint without AdamW moments."""
+    if not ckpt.optimizer or not ckpt.optimizer.get("step"):
+        raise CheckpointError("this checkpoint holds no optimizer state (an imported model, or "
+                              "one saved before its first step): export it without "
+                              "--with-optimizer")
+
+
+def export_optimizer(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
+    """Write the checkpoint's AdamW moments as optimizer.safetensors beside an export: for each
+    GPT-2 tensor NAME (as in model.safetensors, same layout and transposes), exp_avg.NAME (m)
+    and exp_avg_sq.NAME (v), the names torch.optim.AdamW's state uses; the metadata holds the
+    step count (Adam's bias correction continues from it) and beta1, beta2, eps, weight_decay."""
+    check_optimizer(ckpt)
+    opt, shapes, tc = ckpt.optimizer, param_shapes(ckpt.config), ckpt.train_config
+    moments = {}
+    for key, which in (("exp_avg", "m"), ("exp_avg_sq", "v")):
+        for name, shape, how, names in _layout(ckpt.config):
+            tensors = [opt[which][n] if len(shapes[n]) == 1 else
+                       [opt[which][n][r * shapes[n][1]:(r + 1) * shapes[n][1]]
+                        for r in range(shapes[n][0])] for n in names]
+            moments[f"{key}.{_file_name(name)}"] = (shape, _to_hf(how, tensors))
+    meta = {"format": "pt", "step": str(opt["step"])}
+    if tc is not None:
+        meta.update({k: repr(getattr(tc, k)) for k in ("beta1", "beta2", "eps", "weight_decay")})
+    typecode, _ = EXPORT_DTYPES[dtype.upper()]
+    size = array(typecode).itemsize
+    header, offset = {"__metadata__": meta}, 0
+    for name, (shape, _) in moments.items():
+        n = math.prod(shape) * size
+        header[name] = {"dtype": dtype.upper(), "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+
+    def chunks():
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)
+        yield len(blob).to_bytes(8, "little")
+        yield blob
+        for _, values in moments.values():
+            a = array(typecode, values)
+            if sys.byteorder == "big":
+                a.byteswap()
+            yield a.tobytes()
+    atomic_write(os.path.join(os.fspath(out_dir), OPTIMIZER_FILE), chunks())
 
 
 def export_hf(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
