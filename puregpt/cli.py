@@ -290,7 +290,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .hf import check_optimizer, export_hf, export_optimizer
+    from .hf import OPTIMIZER_FILE, check_optimizer, export_hf, export_optimizer
     if args.model is not None:  # export -m RUN OUT_DIR
         if len(args.paths) != 1:
             raise ConfigError("export -m RUN takes one more argument: OUT_DIR")
@@ -307,6 +307,8 @@ def cmd_export(args) -> int:
     export_hf(ckpt, out_dir, args.dtype.upper())
     if args.with_optimizer:
         export_optimizer(ckpt, out_dir, args.dtype.upper())
+    elif os.path.exists(os.path.join(out_dir, OPTIMIZER_FILE)):  # a previous export's
+        os.remove(os.path.join(out_dir, OPTIMIZER_FILE))
     args.out_dir = out_dir
     print(f"exported {path} to {args.out_dir}: " + ", ".join(sorted(os.listdir(args.out_dir))))
     return 0

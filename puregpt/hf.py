@@ -433,7 +433,7 @@ def export_hf(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise ConfigError(f"{out_dir} exists and is not a directory")
-        foreign = sorted(set(os.listdir(out_dir)) - set(files))
+        foreign = sorted(set(os.listdir(out_dir)) - set(files) - {OPTIMIZER_FILE})
         if foreign:
             raise ConfigError(f"{out_dir} already holds files this export would not replace: "
                               f"{', '.join(foreign)}; export into a new or empty directory")
