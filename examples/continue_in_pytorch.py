@@ -321,6 +321,8 @@ def parse_args(argv=None):
                    "(default: the recipe's)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validation "
                    "losses (and at the end)")
+    p.add_argument("--log-every", type=int, default=0, help="steps between log lines "
+                   "(0: about 20 lines a run; validation steps always print)")
     p.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="stream mode: seeds the windows drawn")
     p.add_argument("--fresh", action="store_true", help="ignore OUT/checkpoint.safetensors and "
@@ -398,10 +400,12 @@ def run(args, rank: int, world: int, device) -> int:
         last = step + 1 == args.steps
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             row["val_loss"] = validation_loss(model, corpus, rank, world, device)
-        if rank0:
+        log_every = args.log_every or max(1, args.steps // 20)
+        if rank0 and ((step + 1) % log_every == 0 or "val_loss" in row or step == start):
             print(f"step {step + 1:5d} / {args.steps} | loss {loss:.4f}"
                   + (f" | val {row['val_loss']:.4f}" if row.get("val_loss") is not None else "")
                   + f" | lr {step_lr:.2e} | {time.time() - t0:.1f}s", flush=True)
+        if rank0:
             with open(metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         if (args.save_every and (step + 1) % args.save_every == 0) or last:
@@ -421,7 +425,12 @@ def keep_metrics(path: str, start: int) -> None:
     rows = []
     if start and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start:
+                        rows.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line a crash cut short
     atomic_write(path, [("".join(rows)).encode("utf-8")])
 
 
