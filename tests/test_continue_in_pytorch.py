@@ -191,6 +191,14 @@ def test_not_an_exported_model_is_a_clear_error(tmp_path, capsys):
     assert "nowhere is not a directory" in capsys.readouterr().err
 
 
+def test_export_with_optimizer_needs_one(names, tmp_path):
+    from puregpt.checkpoint import CheckpointError
+    from puregpt.hf import check_optimizer
+    with pytest.raises(CheckpointError, match="holds no optimizer state.*without "
+                                              "--with-optimizer"):
+        check_optimizer(import_hf(names[4]))  # an imported model has no AdamW moments
+
+
 def test_characters_outside_the_vocabulary_are_named_with_their_line(names, tmp_path, capsys):
     _, data, _, _, hf = names
     bad = tmp_path / "bad.txt"

@@ -145,8 +145,8 @@ def test_export_loads_in_transformers_with_the_same_logits_generation_and_ids(
     proc = run_cli("export", proc_ckpt, "--format", "hf", out)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json"] + (["merges.txt", "vocab.json"] if kind == "bpe" else []))
+        ["config.json", "generation_config.json", "model.safetensors", "puregpt_data.json",
+         "tokenizer.json", "tokenizer_config.json"] + (["merges.txt", "vocab.json"] if kind == "bpe" else []))
     assert {v["dtype"] for k, v in safetensors_header(out / "model.safetensors").items()
             if k != "__metadata__"} == {"F32"}
 
