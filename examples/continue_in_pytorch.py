@@ -69,7 +69,7 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from puregpt.checkpoint import CheckpointError
 from puregpt.config import ConfigError, TrainConfig
-from puregpt.data import DataError, load_corpus, read_text
+from puregpt.data import DataError, detect_mode, load_corpus, read_text
 from puregpt.fsutil import atomic_write, fsync_dir
 from puregpt.hf import DATA_RECIPE_FILE, OPTIMIZER_FILE, read_data_recipe, read_tokenizer
 
@@ -133,15 +133,12 @@ def load_data(hf_dir: str, data: str | None, block_size: int, rank0: bool):
         text = read_text(path)
     except (ConfigError, CheckpointError, DataError) as e:
         raise ScriptError(str(e)) from None
-    corpus_args = (path, tc, block_size, random.Random(tc.seed))
-    if tc.mode != "auto":
-        check_characters(path, text, tokenizer, tc.mode == "docs")
+    mode = tc.mode if tc.mode != "auto" else detect_mode(text)[0]  # as load_corpus decides
+    check_characters(path, text, tokenizer, mode == "docs")  # before: its error has no line
     try:
-        corpus = load_corpus(*corpus_args, tokenizer=tokenizer)
+        corpus = load_corpus(path, tc, block_size, random.Random(tc.seed), tokenizer=tokenizer)
     except DataError as e:
         raise ScriptError(str(e)) from None
-    if tc.mode == "auto":
-        check_characters(path, text, tokenizer, corpus.mode == "docs")
     if rank0 and recipe.get("sha256") not in (None, corpus.sha256):
         print(f"warning: {path} is not the text the model was trained on (its SHA-256 differs "
               f"from {DATA_RECIPE_FILE}'s): the split will not be puregpt's", file=sys.stderr)
