@@ -74,19 +74,6 @@ def _shape(t) -> list[int]:
     return [len(t), len(t[0])] if _is_matrix(t) else [len(t)]
 
 
-def _tensor_bytes(t) -> bytes:
-    """A tensor's little-endian F64 bytes. Rows that are already array('d') are copied as bytes
-    (no float objects: what makes saving an imported GPT-2 fast)."""
-    if sys.byteorder == "little":
-        if isinstance(t, array) and t.typecode == "d":
-            return t.tobytes()
-        if _is_matrix(t) and all(isinstance(r, array) and r.typecode == "d" for r in t):
-            return b"".join([r.tobytes() for r in t])
-    if _is_matrix(t):
-        return b"".join([_to_bytes(r, "d") for r in t])  # row by row: no flat list of it all
-    return _to_bytes(t, "d")
-
-
 def _to_bytes(values, typecode: str) -> bytes:
     a = array(typecode, values)
     if sys.byteorder == "big":  # the format is little-endian whatever the machine
@@ -94,12 +81,34 @@ def _to_bytes(values, typecode: str) -> bytes:
     return a.tobytes()
 
 
+def _dtype(t) -> str:
+    """F32 for a matrix of array('f') rows (imported float32 weights, stored as they came:
+    exactly, in half the bytes), else F64."""
+    return "F32" if _is_matrix(t) and all(isinstance(r, array) and r.typecode == "f"
+                                          for r in t) else "F64"
+
+
+def _tensor_bytes(t) -> bytes:
+    """A tensor's little-endian bytes in its _dtype. Rows that are already arrays are copied as
+    bytes (no float objects: what makes saving an imported GPT-2 fast)."""
+    if _dtype(t) == "F32":
+        return b"".join([_to_bytes(r, "f") if sys.byteorder == "big" else r.tobytes()
+                         for r in t])
+    if sys.byteorder == "little" and _is_matrix(t) and all(
+            isinstance(r, array) and r.typecode == "d" for r in t):
+        return b"".join([r.tobytes() for r in t])
+    if _is_matrix(t):
+        return b"".join([_to_bytes(r, "d") for r in t])  # row by row: no flat list of it all
+    return _to_bytes(t, "d")
+
+
 def _header_blob(tensors: dict, metadata: dict[str, str]) -> bytes:
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
-        n = math.prod(_shape(t))
-        header[name] = {"dtype": "F64", "shape": _shape(t), "data_offsets": [offset, offset + 8 * n]}
-        offset += 8 * n
+        dtype = _dtype(t)
+        n = math.prod(_shape(t)) * DTYPES[dtype][0]
+        header[name] = {"dtype": dtype, "shape": _shape(t), "data_offsets": [offset, offset + n]}
+        offset += n
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return blob + b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned (spec allows)
 
@@ -110,7 +119,7 @@ def _data_chunks(tensors: dict, hashes: dict | None = None):
     for name, t in tensors.items():
         data = _tensor_bytes(t)
         if hashes is not None:
-            hashes[name] = ["F64", _shape(t), hashlib.sha256(data).hexdigest()]
+            hashes[name] = [_dtype(t), _shape(t), hashlib.sha256(data).hexdigest()]
         yield data
 
 
@@ -268,14 +277,24 @@ VALUE_RULES = {
 }
 
 
-def bad_value(values: list[float], kind: str, raw_f64: bytes | None = None) -> str | None:
+# float32 weights: exponent >= 192 (|x| >= 2**65, or not finite) is the top byte's low 7 bits >= 96
+_WEIGHT_FLAGS_F32 = _top_bytes_table(lambda b: (b & 0x7F) >= 0x60)
+
+
+def bad_value(values: list[float], kind: str, raw_f64: bytes | None = None,
+              raw_f32: bytes | None = None) -> str | None:
     """None when every value suits `kind` (see VALUE_RULES), else which is the first bad one and
-    why. raw_f64: the values' little-endian float64 bytes, when at hand (saves converting)."""
+    why. raw_f64 / raw_f32: the values' little-endian float64 / float32 bytes, when at hand
+    (saves converting; float32 weights are screened on their own top bytes)."""
     flags, ok, what, why = VALUE_RULES[kind]
-    if raw_f64 is None:
-        raw_f64 = _to_bytes(values, "d")
-    if 1 not in raw_f64[7::8].translate(flags):  # the fast path: nothing even suspicious
-        return None
+    if raw_f32 is not None and kind == "weight":
+        if 1 not in raw_f32[3::4].translate(_WEIGHT_FLAGS_F32):  # exact for float32
+            return None
+    else:
+        if raw_f64 is None:
+            raw_f64 = _to_bytes(values, "d")
+        if 1 not in raw_f64[7::8].translate(flags):  # the fast path: nothing even suspicious
+            return None
     for i, x in enumerate(values):
         if not ok(x):
             if not math.isfinite(x):
@@ -294,7 +313,8 @@ def read_tensor_array(f, info: dict, data_start: int, path: str, name: str,
     if raw_out is not None:
         raw_out.append(raw)
     values = _decode(raw, info["dtype"])
-    problem = bad_value(values, kind, raw if info["dtype"] == "F64" else None)
+    problem = bad_value(values, kind, raw if info["dtype"] == "F64" else None,
+                        raw if info["dtype"] == "F32" and sys.byteorder == "little" else None)
     if problem:
         raise CheckpointError(f"{path}: tensor {name} holds {problem}")
     return values
@@ -307,8 +327,9 @@ def read_tensor(f, info: dict, data_start: int, path: str, name: str,
 
 
 # How load_checkpoint builds a matrix's rows: "list" (lists of floats, what training uses),
-# "tuple" (tuples of floats: what math.dist reads fastest, for decoding), "array" (array('d')
-# rows, 8 bytes a value instead of 32: the compact layout). Vectors are lists in every case.
+# "tuple" (tuples of floats: what math.dist reads fastest, for decoding), "array" (array rows,
+# 'd', or 'f' for float32 data: 8 or 4 bytes a value instead of 32: the compact layout).
+# Vectors are lists in every case.
 ROWS = ("list", "tuple", "array")
 
 
@@ -321,9 +342,7 @@ def _rows(values: array, shape: list[int], rows: str = "list"):
         raise CheckpointError(f"puregpt tensors are 1-D or 2-D, got shape {brief(shape)}")
     n, cols = shape
     spans = range(0, n * cols, cols)
-    if rows == "array":
-        if values.typecode != "d":
-            values = array("d", values)
+    if rows == "array":  # float32 data stays float32: 4 bytes a value, and exact
         return [values[i:i + cols] for i in spans]
     if rows == "tuple":
         return [tuple(values[i:i + cols]) for i in spans]
