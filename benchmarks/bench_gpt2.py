@@ -18,7 +18,6 @@ import os
 import random
 import resource
 import struct
-import sys
 import tempfile
 import time
 from array import array
@@ -125,7 +124,7 @@ def child(words: list[str]) -> None:
         from puregpt.checkpoint import load_checkpoint
         from puregpt.decode import Decoder
         path, layout, workers, n_new = words[1], words[2], int(words[3]), int(words[4])
-        ckpt = load_checkpoint(path, rows=layout)
+        ckpt = load_checkpoint(path, rows="array")  # no float objects: the decoder makes them
         info["load"] = _clocks(t0, c0)
         decoder = Decoder(ckpt.params, ckpt.config, layout, workers)
         del ckpt.params  # the decoder holds what it needs: what stays is the decoder's memory
@@ -148,9 +147,8 @@ def _child(*words) -> dict:
 
 
 def run(sz: dict, args) -> dict:
-    L, C, H, V, n_new = (sz["gpt2_layers"], sz["gpt2_embd"], sz["gpt2_heads"], sz["gpt2_vocab"],
-                         n := sz["gpt2_tokens"])
-    del n
+    L, C, H, V = sz["gpt2_layers"], sz["gpt2_embd"], sz["gpt2_heads"], sz["gpt2_vocab"]
+    n_new = sz["gpt2_tokens"]
     with tempfile.TemporaryDirectory(prefix="puregpt-gpt2-") as tmp:
         hf_dir, ckpt = os.path.join(tmp, "hf"), os.path.join(tmp, "gpt2.safetensors")
         say(f"  gpt2: writing a random {L}-layer, n_embd {C}, vocab {V:,} directory")

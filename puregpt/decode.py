@@ -42,7 +42,7 @@ from typing import Iterator
 
 from . import model, ops
 from .checkpoint import ROW_TYPES
-from .parallel import POLL_SECONDS, WorkerError, available_cpus
+from .parallel import POLL_SECONDS, WorkerError, available_cpus, receive, stop_workers
 from .sample import pick
 
 LAYOUTS = ("tuple", "array")
@@ -236,30 +236,14 @@ class Decoder:
             raise self._died(w) from None
 
     def _receive(self, w: int):
-        conn, proc = self.conns[w], self.procs[w]
-        while not conn.poll(POLL_SECONDS):
-            if not proc.is_alive():
-                raise self._died(w)
-        try:
-            reply = conn.recv()
-        except (EOFError, OSError):  # the pipe broke: the worker is gone
-            raise self._died(w) from None
+        reply = receive(self.conns[w], self.procs[w], lambda: self._died(w))
         if reply[0] == "error":
             raise WorkerError(f"decoding worker process {w + 1} failed:\n{reply[1]}")
         return reply[1]
 
     def close(self) -> None:
         """Stop the workers and free the shared memory (safe to call twice)."""
-        for conn in self.conns:
-            try:
-                conn.send_bytes(b"")  # stop
-            except (OSError, ValueError):
-                pass
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
+        stop_workers(self.conns, self.procs, lambda conn: conn.send_bytes(b""))  # b"": stop
         if self.mem is not None:
             self.mem.close()
             self.mem.unlink()
