@@ -49,6 +49,7 @@ class Config:
     name: str  # its directory under DIR
     model: dict  # GPTConfig fields (vocab_size comes from the data)
     train: dict  # TrainConfig fields, seed excluded (the grid's seeds give it)
+    dirs: list | None = None  # [(seed, run directory)] of existing runs (compare RUN...)
 
 
 @dataclass
@@ -618,9 +619,8 @@ def group_runs(run_dirs: list[str]) -> Grid:
         if data_differs:
             label = (label + ", " if label else "") + f"data={os.path.basename(m[0][4] or '')}"
         label = label or "base"
-        c = Config(label, dir_name(label), m[0][2], m[0][3])
-        c.dirs = [(seed, d) for d, seed, *_ in m]
-        configs.append(c)
+        configs.append(Config(label, dir_name(label), m[0][2], m[0][3],
+                              [(seed, d) for d, seed, *_ in m]))
     if len({c.label for c in configs}) < len(configs):
         for i, c in enumerate(configs):  # runs that differ in settings compare ignores
             c.label += f" #{i + 1}"
@@ -642,9 +642,3 @@ def report_runs(run_dirs: list[str], out: str, baseline: str | None = None,
     os.makedirs(out, exist_ok=True)
     return write_report(grid, out, smooth)
 
-
-def run_dirs_of(grid: Grid, out: str) -> list[tuple[Config, list[tuple[int, str]]]]:
-    """(config, [(seed, run directory)]) of a grid: the directories compare made, or those
-    `puregpt compare RUN...` was given."""
-    return [(c, getattr(c, "dirs", None) or [(s, os.path.join(out, c.name, f"seed-{s}"))
-                                             for s in grid.seeds]) for c in grid.configs]

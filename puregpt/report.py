@@ -51,6 +51,13 @@ def run_numbers(run_dir: str, steps: int) -> dict:
             "wall": wall, "tokens_per_s": tokens / wall if wall > 0 else None, "rows": rows}
 
 
+def run_dirs_of(grid, out: str) -> list[tuple[object, list[tuple[int, str]]]]:
+    """(config, [(seed, run directory)]) of a compare.Grid: the directories compare made, or
+    those `puregpt compare RUN...` was given."""
+    return [(c, c.dirs or [(s, os.path.join(out, c.name, f"seed-{s}")) for s in grid.seeds])
+            for c in grid.configs]
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return stats.mean(xs) if xs else None
@@ -58,7 +65,6 @@ def _mean(xs):
 
 def collect(grid, out: str) -> dict:
     """The report's numbers (what report.json holds)."""
-    from .compare import run_dirs_of
     from .config import GPTConfig
     from .model import num_params_of
     configs = []
