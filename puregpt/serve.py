@@ -173,6 +173,9 @@ class Server(ThreadingHTTPServer):
     stopping the server never waits on a client)."""
 
     daemon_threads = True
+    # connections waiting to be accepted (socketserver's default, 5, resets the rest when a
+    # burst of clients arrives while the generating threads hold the interpreter)
+    request_queue_size = 128
 
     def __init__(self, ckpt: Checkpoint, path: str, host: str = "127.0.0.1", port: int = 8000,
                  quiet: bool = False):
@@ -219,24 +222,27 @@ class Handler(BaseHTTPRequestHandler):
     def route(self, method: str) -> None:
         self.close_connection = True  # one request per connection: streams end by closing
         try:
-            self.check_host()
-            path = self.path.split("?", 1)[0]  # (a query string is ignored)
-            if path not in self.routes():
-                raise RequestError(404, f"no such page: {path} (try / or /api/info)")
-            wanted, answer = self.routes()[path]
-            if method != wanted:
-                raise RequestError(405, f"{path} takes {wanted}, not {method}")
-            answer()
-        except RequestError as e:
-            self.send_json({"error": str(e)}, e.status)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass  # the client went away or stalled: this request ends, the server goes on
-        except Exception as e:  # a bug: answered (if still possible) and logged, not fatal
-            self.log_error("%s", f"{type(e).__name__}: {e}")
             try:
+                self.answer(method)
+            except RequestError as e:
+                self.send_json({"error": str(e)}, e.status)
+            except (OSError, TimeoutError):
+                raise
+            except Exception as e:  # a bug: answered (if still possible) and logged, not fatal
+                self.log_error("%s", f"{type(e).__name__}: {e}")
                 self.send_json({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
-            except OSError:
-                pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away or stalled: its request ends, the server goes on
+
+    def answer(self, method: str) -> None:
+        self.check_host()
+        path = self.path.split("?", 1)[0]  # (a query string is ignored)
+        if path not in self.routes():
+            raise RequestError(404, f"no such page: {path} (try / or /api/info)")
+        wanted, answer = self.routes()[path]
+        if method != wanted:
+            raise RequestError(405, f"{path} takes {wanted}, not {method}")
+        answer()
 
     def check_host(self) -> None:
         """On loopback, answer only requests addressed to this machine: a web page elsewhere
@@ -300,10 +306,10 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(json.dumps(event).encode() + b"\n")
 
     def api_explain(self) -> None:
-        from .explain import explain
         s = self.server
         req = parse_json(self.body(), {"text": None})
         check_text(s.ckpt, "text", req["text"])
+        from .explain import explain
         c = s.ckpt
         try:
             data = explain(c.params, c.config, c.tokenizer, req["text"],
