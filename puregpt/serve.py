@@ -5,7 +5,9 @@
     POST /api/generate  {"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed"} ->
                         application/x-ndjson, one line per sampled token as it is drawn,
                         {"token", "id", "p", "top": [[text, prob], ...]}, then
-                        {"done": true, "text": prompt + generated, "seed", "tokens"}
+                        {"done": true, "text": prompt + generated, "seed", "tokens",
+                        "context_tokens"} (tokens: how many were drawn; context_tokens: the
+                        prompt's, with BOS)
     POST /api/explain   {"text"} -> explain.explain's numbers as JSON
 
 Errors are {"error": message} with 400 (bad JSON, unknown fields, wrong types, settings out of
@@ -149,7 +151,7 @@ def generate_events(ckpt: Checkpoint, docs_mode: bool, settings: dict):
         yield {"token": tok.token_str(i), "id": i, "p": probs[i],
                "top": [[tok.token_str(j), probs[j]] for j in top if probs[j] > 0]}
     yield {"done": True, "text": settings["prompt"] + tok.decode(ids), "seed": settings["seed"],
-           "tokens": len(ids)}
+           "tokens": len(ids), "context_tokens": len(context)}
 
 
 def model_info(ckpt: Checkpoint, path: str, docs_mode: bool) -> dict:
@@ -157,6 +159,7 @@ def model_info(ckpt: Checkpoint, path: str, docs_mode: bool) -> dict:
     info = {"checkpoint": path, "step": ckpt.step, "parameters": num_params(ckpt.params),
             "config": ckpt.config.to_dict(), "mode": "docs" if docs_mode else "stream",
             "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "bos": tok.token_str(tok.bos),
+            "bos_id": tok.bos,
             "max_tokens": MAX_TOKENS, "max_body": MAX_BODY, "defaults": {
                 **DEFAULTS, "max_tokens": min(MAX_TOKENS, ckpt.config.block_size if docs_mode
                                               else 256)}}
@@ -200,7 +203,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # path -> (method, the function answering it)
     def routes(self):
-        return {"/": ("GET", self.page), "/api/info": ("GET", self.api_info),
+        return {"/": ("GET", self.page), "/favicon.ico": ("GET", self.no_icon),
+                "/api/info": ("GET", self.api_info),
                 "/api/generate": ("POST", self.api_generate),
                 "/api/explain": ("POST", self.api_explain)}
 
@@ -289,6 +293,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def no_icon(self) -> None:  # browsers ask for one: "none", rather than a 404 to log
+        self.send_response(204)
+        self.end_headers()
 
     def api_info(self) -> None:
         self.send_json(self.server.info)
