@@ -356,6 +356,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    path, ckpt = _load(_model_arg(args))
+    return serve(ckpt, path, args.host, args.port)
+
+
 def cmd_import_hf(args) -> int:
     from .checkpoint import save_checkpoint
     from .hf import import_hf
@@ -535,6 +543,19 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     ih.add_argument("out_ckpt", metavar="OUT_CKPT", help="the puregpt checkpoint file to write")
     ih.add_argument("--force", action="store_true", help="replace OUT_CKPT if it exists")
     ih.set_defaults(func=cmd_import_hf)
+
+    sv = sub.add_parser("serve", help="the x-ray page, live: generate and look inside, in a "
+                        "browser", description="Serve the model's x-ray page live from a local "
+                        "HTTP server: type a prompt, watch the tokens stream in as they are "
+                        "sampled, then click any token to see its attention and alternatives. "
+                        "It listens on 127.0.0.1 (this machine only) unless --host says "
+                        "otherwise; Ctrl-C stops it.")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                    "127.0.0.1: this machine only; 0.0.0.0: every network interface)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free "
+                    "port, printed)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
