@@ -398,3 +398,17 @@ def test_the_command_names_its_model_as_sample_does(tmp_path, finished_run):
         proc.kill()
         proc.wait()
     assert proc.returncode == 0
+
+
+def test_listening_beyond_loopback_comes_with_a_warning(finished_run):
+    proc, lines = start_cli(finished_run[0], "--host", "0.0.0.0", "--port", 0)
+    try:
+        assert " at http://0.0.0.0:" in lines[0]
+        assert lines[1].startswith("warning: listening on 0.0.0.0: anyone who can reach this "
+                                   "machine can use the model"), lines
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0
