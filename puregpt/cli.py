@@ -1,4 +1,4 @@
-"""The `puregpt` command: train, sample, score, info, plot, export, import-hf (and
+"""The `puregpt` command: train, sample, score, info, explain, plot, export, import-hf (and
 `python -m puregpt`)."""
 
 from __future__ import annotations
@@ -341,6 +341,31 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .explain import explain_model, render_page, to_json
+    from .fsutil import atomic_write
+    model_path, texts = _model_and_words(args)
+    if not texts:
+        raise ConfigError("give a TEXT to explain, e.g. puregpt explain run emma")
+    if len(texts) > 1 and args.model is None and (os.sep in texts[0] or
+                                                  texts[0].endswith(".safetensors")):
+        resolve_checkpoint(texts[0])  # a path meant as the model: say it does not exist
+    if len(texts) > 1:
+        raise ConfigError(f"explain takes one TEXT, got {len(texts)} words: quote a text with "
+                          f"spaces (puregpt explain {model_path} \"{' '.join(texts)}\")")
+    path, ckpt = _load(model_path)
+    data = explain_model(ckpt, texts[0])  # every check (empty text, vocabulary) before writing
+    page = render_page(data).encode()
+    if args.json:
+        atomic_write(args.json, [to_json(data).encode()])
+    atomic_write(args.output, [page])
+    for note in data["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(args.output + (f" and {args.json}" if args.json else "") + f": {path} on "
+          f"{len(data['inputs'])} tokens")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -430,6 +455,19 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint")
     _add_model_args(i)
     i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("explain", help="an x-ray page of a model on one text: attention, "
+                       "probabilities, gradients",
+                       description="Write one self-contained HTML page (no network needed) "
+                       "showing the model's real numbers on TEXT: each token's surprisal, every "
+                       "head's attention, the next-token probabilities with sampling controls, "
+                       "the residual stream, one training step's gradients, the ops in order and "
+                       "the token embeddings' PCA. For a stream-mode model TEXT is a prompt.")
+    _add_model_args(x, "TEXT", "the text to look at (one argument: quote spaces)")
+    x.add_argument("-o", "--output", default="explain.html", help="the page to write "
+                   "(default: explain.html)")
+    x.add_argument("--json", metavar="FILE", help="also write the page's numbers as JSON")
+    x.set_defaults(func=cmd_explain)
 
     pl = sub.add_parser("plot", help="draw a run's loss curves as SVG")
     pl.add_argument("run", help="run directory")
