@@ -349,6 +349,30 @@ def test_a_stalled_client_does_not_block_others(docs_server):
             s.close()
 
 
+# --- explain and the page ------------------------------------------------------------------------
+
+
+def test_explain_gives_explains_numbers(finished_run, docs_server):
+    from puregpt.explain import explain
+    ckpt = load_checkpoint(resolve_checkpoint(str(finished_run[0])))
+    status, headers, data = request(docs_server, "POST", "/api/explain", {"text": "emma"})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    direct = explain(ckpt.params, ckpt.config, ckpt.tokenizer, "emma",
+                     train_config=ckpt.train_config, docs_mode=True, optimizer=ckpt.optimizer,
+                     step=ckpt.step)
+    assert json.loads(data) == json.loads(json.dumps(direct))
+
+
+def test_the_page_is_the_live_page(docs_server):
+    status, headers, data = request(docs_server, "GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert data.count(b'<meta name="puregpt-live" content="1">') == 1
+    assert b'data-live="true"' in data and b'<script id="puregpt-live">' in data
+    from puregpt.explain import explain_checkpoint, render_page
+    static = render_page(explain_checkpoint(docs_server.path, "emma"))
+    assert 'name="puregpt-live"' not in static and 'data-live="false"' in static
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
