@@ -225,3 +225,15 @@ def test_bad_command_line_is_refused_before_anything_runs(words, message):
     proc = subprocess.run([sys.executable, str(RUN), *words], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def test_explain(tmp_path):
+    r, stdout = run_bench("explain", tmp_path)
+    for key in ("default", "large"):
+        m = r[key]
+        assert m["tokens"] == 16 and positive(m["seconds_per_page"], m["step_seconds"],
+                                              m["page_over_step"], m["page_bytes"])
+        assert m["seconds_per_page"] == min(m["seconds_all"])
+    assert r["default"]["mode"] == "docs" and r["default"]["config"]["n_embd"] == 32
+    assert r["checked"] is True and r["target_seconds"] == 1.0
+    assert isinstance(r["meets_target"], bool) and "### explain: seconds per x-ray page" in stdout
