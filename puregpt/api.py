@@ -19,8 +19,8 @@ from .config import ConfigError, GPTConfig, TrainConfig
 from .config import preset as preset_settings
 from .data import read_text
 
-__all__ = ["Checkpoint", "Score", "evaluate", "generate", "load", "save", "score", "stream",
-           "train"]
+__all__ = ["Checkpoint", "Score", "evaluate", "explain", "generate", "load", "save", "score",
+           "stream", "train"]
 
 
 class Score(NamedTuple):
@@ -206,3 +206,16 @@ def evaluate(model: Checkpoint, path: str) -> Score:
     logprob, n = sample.score_corpus(model.params, model.config, model.tokenizer,
                                      read_text(os.fspath(path)), _docs_mode(model))
     return Score(logprob, -logprob / n, n)
+
+
+def explain(model: Checkpoint, text: str) -> dict:
+    """The x-ray of `text` under the model, as `puregpt explain --json` writes it: tokens with
+    their log-probabilities, every head's attention, next-token logits and probabilities, the
+    residual stream, one training step's gradient norms and update ratios, the ops in order and
+    the embeddings' PCA (see puregpt/explain.py for the keys). A docs-mode model reads the text
+    as a document (BOS-wrapped), a stream-mode model as a prompt; beyond block_size, the last
+    block. The model is not changed."""
+    from .explain import explain_model  # (loaded by puregpt/__init__.py before this binds)
+    _check_model(model)
+    _check_type("text", text, (str,), "a string")
+    return explain_model(model, text)
