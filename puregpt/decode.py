@@ -118,13 +118,15 @@ def prepare_matrix(rows, layout: str = "tuple") -> Matrix:
 
 def matrices(params: dict, config) -> dict:
     """Every weight matrix a decoding step multiplies by, name -> rows: per layer the stacked
-    Q, K, V (attn_qkv, as model._qkv), attn_wo, mlp_fc1, mlp_fc2; then lm_head."""
+    Q, K, V (attn_qkv, as model._qkv), attn_wo, mlp_fc1, mlp_fc2 (and mlp_gate); then
+    lm_head."""
     out = {}
     for l in range(config.n_layer):
         p = f"layer{l}."
         out[p + "attn_qkv"] = [r for w in model.layer_tensors(p + "attn_qkv") for r in params[w]]
-        for w in ("attn_wo", "mlp_fc1", "mlp_fc2"):
-            out[p + w] = params[p + w]
+        for w in ("attn_wo", "mlp_fc1", "mlp_fc2", "mlp_gate"):  # (mlp_gate: SwiGLU only)
+            if p + w in params:
+                out[p + w] = params[p + w]
     out["lm_head"] = model.lm_head_weight(params, config)
     return out
 
@@ -163,6 +165,7 @@ class Decoder:
         self.procs, self.conns, self.mem = [], [], None
         mats = matrices(params, config)
         self.names = list(mats)
+        self.index = {name: i for i, name in enumerate(self.names)}
         if self.n == 1:
             self.mats = {name: prepare_matrix(rows, layout) for name, rows in mats.items()}
             return
@@ -274,9 +277,10 @@ class Decoder:
             out += part.tolist()
         return out
 
-    def _linear(self, i: int, x, bias_name: str):
-        y = self.matvec(i, x)
-        bias = self.vectors.get(bias_name)
+    def _linear(self, name: str, x):
+        """The linear layer `name` (a weight's name; its bias, if any, is name + "_b") on x."""
+        y = self.matvec(self.index[name], x)
+        bias = self.vectors.get(name + "_b")
         return y if bias is None else list(map(add, y, bias))
 
     def _norm(self, x, name):
@@ -296,30 +300,47 @@ class Decoder:
                                                                     self.pos[pos]))
         if cfg.emb_norm:
             x = self._norm(x, "emb_norm")
-        act = ops.ACTIVATIONS[cfg.activation][0]
         for l in range(cfg.n_layer):
-            p, i = f"layer{l}.", 4 * l
-
-            def attn(h):
-                qkv = self._linear(i, h, p + "attn_qkv_b")
-                kv[l][0].append(qkv[C:2 * C])
-                kv[l][1].append(qkv[2 * C:])
-                out = ops.attention_forward([qkv[:C]], kv[l][0], kv[l][1], cfg.n_head)[0][0]
-                return self._linear(i + 1, out, p + "attn_wo_b")
-
-            def mlp(h):
-                a = act([self._linear(i + 2, h, p + "mlp_fc1_b")])[0][0]
-                return self._linear(i + 3, a, p + "mlp_fc2_b")
-
+            p = f"layer{l}."
             if cfg.norm_position == "pre":
-                x = list(map(add, x, attn(self._norm(x, p + "attn_norm"))))
-                x = list(map(add, x, mlp(self._norm(x, p + "mlp_norm"))))
+                x = list(map(add, x, self._attn(self._norm(x, p + "attn_norm"), p, kv[l], pos)))
+                x = list(map(add, x, self._mlp(self._norm(x, p + "mlp_norm"), p)))
             else:
-                x = self._norm(list(map(add, x, attn(x))), p + "attn_norm")
-                x = self._norm(list(map(add, x, mlp(x))), p + "mlp_norm")
+                x = self._norm(list(map(add, x, self._attn(x, p, kv[l], pos))), p + "attn_norm")
+                x = self._norm(list(map(add, x, self._mlp(x, p))), p + "mlp_norm")
         if cfg.final_norm:
             x = self._norm(x, "final_norm")
-        return self.matvec(len(self.names) - 1, x)
+        return self.matvec(self.index["lm_head"], x)
+
+    def _attn(self, h, p, kv, pos):
+        """model.attn_forward for one position (its steps in its order, one row)."""
+        cfg, C = self.config, self.config.n_embd
+        kvd = cfg.kv_heads * cfg.head_dim
+        qkv = self._linear(p + "attn_qkv", h)  # (C + 2 kvd,)
+        q, k, v = [qkv[:C]], [qkv[C:C + kvd]], qkv[C + kvd:]
+        if cfg.qk_norm:
+            q = ops.head_rmsnorm_forward(q, cfg.n_head, self.vectors[p + "attn_q_norm_g"],
+                                         cfg.norm_eps)[0]
+            k = ops.head_rmsnorm_forward(k, cfg.kv_heads, self.vectors[p + "attn_k_norm_g"],
+                                         cfg.norm_eps)[0]
+        if cfg.pos == "rope":
+            cos, sin = model.rope_table(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            q = ops.rope_forward(q, [pos], cfg.n_head, cos, sin)[0]
+            k = ops.rope_forward(k, [pos], cfg.kv_heads, cos, sin)[0]
+        kv[0].append(k[0])
+        kv[1].append(v)
+        out = ops.attention_forward(q, kv[0], kv[1], cfg.n_head, cfg.kv_heads)[0][0]
+        return self._linear(p + "attn_wo", out)
+
+    def _mlp(self, h, p):
+        """model.mlp_forward for one position."""
+        cfg = self.config
+        u = self._linear(p + "mlp_fc1", h)
+        if cfg.mlp == "swiglu":
+            a = ops.gated_forward([self._linear(p + "mlp_gate", h)], [u], cfg.activation)[0][0]
+        else:
+            a = ops.ACTIVATIONS[cfg.activation][0]([u])[0][0]
+        return self._linear(p + "mlp_fc2", a)
 
     def feed(self, tokens: list[int], kv: list) -> list[float]:
         """Feed tokens one position at a time; the logits after the last."""

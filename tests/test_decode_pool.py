@@ -60,7 +60,7 @@ def test_one_process_equals_forward_every_combination(combo, layout):
 # a few configurations for the multi-process tests (each starts worker processes)
 POOL_COMBOS = [c for c in COMBOS if (c["bias"], c["tie_embeddings"], c["norm"]) in {
     (True, True, "layernorm"), (False, False, "rmsnorm"), (True, False, "rmsnorm"),
-    (False, True, "layernorm")} and c["activation"] != "relu"][::6]
+    (False, True, "layernorm")} and c["activation"] != "relu"][::6] + COMBOS[144::9]  # + modern
 
 
 @pytest.mark.parametrize("combo", POOL_COMBOS, ids=combo_id)
