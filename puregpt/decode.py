@@ -28,6 +28,7 @@ tokens, are bit-identical to one process. A worker that dies or fails is noticed
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -166,14 +167,19 @@ class Decoder:
         mats = matrices(params, config)
         self.names = list(mats)
         self.index = {name: i for i, name in enumerate(self.names)}
-        if self.n == 1:
-            self.mats = {name: prepare_matrix(rows, layout) for name, rows in mats.items()}
-            return
+        enabled = gc.isenabled()
+        gc.disable()  # ~20% of the preparation: collections that find no garbage in new rows
         try:
-            self._start(mats)
+            if self.n == 1:
+                self.mats = {name: prepare_matrix(rows, layout) for name, rows in mats.items()}
+            else:
+                self._start(mats)
         except BaseException:
             self.close()
             raise
+        finally:
+            if enabled:
+                gc.enable()
 
     # -- the worker processes --
 
@@ -380,6 +386,7 @@ class Decoder:
 
 def _worker_main(mine, layout, mem_name, conn, parent_pid):
     """A worker: prepare its slices from the shared block, then compute products on request."""
+    gc.disable()  # the rows and their floats are all the worker allocates: nothing to collect
     try:
         mem = shared_memory.SharedMemory(name=mem_name)
         mats = []
