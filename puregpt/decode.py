@@ -38,7 +38,7 @@ import traceback
 from array import array
 from itertools import repeat, starmap
 from multiprocessing import shared_memory
-from operator import add
+from operator import add, mul, sub
 from typing import Iterator
 
 from . import model, ops
@@ -102,8 +102,10 @@ class Matrix:
         dist = math.dist
         if self.rho is not None:
             s, h = self.rho / xn, 0.5 * xn / self.rho
-            xs = tuple([v * s for v in x])
-            return [h * (cb - d * d) for cb, d in zip(self.c, map(dist, self.rows, repeat(xs)))]
+            xs = tuple(map(mul, x, repeat(s)))
+            d = list(map(dist, self.rows, repeat(xs)))
+            # (c - d^2) h for every row, as chained maps: no bytecode per element
+            return list(map(mul, map(sub, self.c, map(mul, d, d)), repeat(h)))
         xs = tuple([v / xn for v in x])
         return [xn * n * (1.0 - 0.5 * d * d)
                 for n, d in zip(self.norms, map(dist, self.rows, repeat(xs)))]
@@ -138,6 +140,21 @@ def _slices(n_rows: int, n: int) -> list[tuple[int, int]]:
 
 
 # --- the decoder ---------------------------------------------------------------------------
+
+
+class Cache:
+    """The decoder's KV cache: per layer and K/V head, the keys as rows and the values as
+    columns, each position appending one entry to each. One query then attends with two sets
+    of dot products and slices nothing (ops.attention_forward, made for many queries, re-slices
+    every head of every cached row per call: at microgpt's size most of a step's time)."""
+
+    def __init__(self, config):
+        g, hd, L = config.kv_heads, config.head_dim, config.n_layer
+        self.length = 0  # positions cached
+        self.keys = [[[] for _ in range(g)] for _ in range(L)]  # [l][j]: (T, hd) rows
+        self.values = [[[[] for _ in range(hd)] for _ in range(g)] for _ in range(L)]  # (hd, T)
+
+
 
 
 class Decoder:
@@ -292,12 +309,15 @@ class Decoder:
     def _norm(self, x, name):
         return model.norm_forward([x], self.vectors, name, self.config)[0][0]
 
-    def step(self, token: int, kv: list) -> list[float]:
-        """The logits after `token`, at the position after those in the KV cache `kv`
-        (model.new_kv_cache), which receives its keys and values: one position of
-        model.forward, with the prepared products."""
-        cfg, C = self.config, self.config.n_embd
-        pos = len(kv[0][0])
+    def new_cache(self) -> Cache:
+        return Cache(self.config)
+
+    def step(self, token: int, kv: Cache) -> list[float]:
+        """The logits after `token`, at the position after those in the cache `kv`
+        (new_cache()), which receives its keys and values: one position of model.forward,
+        with the prepared products."""
+        cfg = self.config
+        pos = kv.length
         if not 0 <= token < cfg.vocab_size:
             raise ValueError(f"token id {token} outside the vocabulary (size {cfg.vocab_size})")
         if pos >= cfg.block_size:
@@ -309,16 +329,17 @@ class Decoder:
         for l in range(cfg.n_layer):
             p = f"layer{l}."
             if cfg.norm_position == "pre":
-                x = list(map(add, x, self._attn(self._norm(x, p + "attn_norm"), p, kv[l], pos)))
+                x = list(map(add, x, self._attn(self._norm(x, p + "attn_norm"), p, kv, l, pos)))
                 x = list(map(add, x, self._mlp(self._norm(x, p + "mlp_norm"), p)))
             else:
-                x = self._norm(list(map(add, x, self._attn(x, p, kv[l], pos))), p + "attn_norm")
+                x = self._norm(list(map(add, x, self._attn(x, p, kv, l, pos))), p + "attn_norm")
                 x = self._norm(list(map(add, x, self._mlp(x, p))), p + "mlp_norm")
+        kv.length += 1
         if cfg.final_norm:
             x = self._norm(x, "final_norm")
         return self.matvec(self.index["lm_head"], x)
 
-    def _attn(self, h, p, kv, pos):
+    def _attn(self, h, p, kv, l, pos):
         """model.attn_forward for one position (its steps in its order, one row)."""
         cfg, C = self.config, self.config.n_embd
         kvd = cfg.kv_heads * cfg.head_dim
@@ -333,9 +354,18 @@ class Decoder:
             cos, sin = model.rope_table(cfg.block_size, cfg.head_dim, cfg.rope_theta)
             q = ops.rope_forward(q, [pos], cfg.n_head, cos, sin)[0]
             k = ops.rope_forward(k, [pos], cfg.kv_heads, cos, sin)[0]
-        kv[0].append(k[0])
-        kv[1].append(v)
-        out = ops.attention_forward(q, kv[0], kv[1], cfg.n_head, cfg.kv_heads)[0][0]
+        # ops.attention_forward's math for one query: head h reads K/V head h // group
+        hd, group = cfg.head_dim, cfg.n_head // cfg.kv_heads
+        keys, values = kv.keys[l], kv.values[l]
+        k = k[0]
+        for j in range(cfg.kv_heads):
+            keys[j].append(k[j * hd:(j + 1) * hd])
+            for col, x in zip(values[j], v[j * hd:(j + 1) * hd]):
+                col.append(x)
+        q, scale, out = q[0], 1.0 / math.sqrt(hd), []
+        for h in range(cfg.n_head):
+            scores = ops.dots(q[h * hd:(h + 1) * hd], keys[h // group])
+            out += ops.dots(ops.softmax([x * scale for x in scores]), values[h // group])
         return self._linear(p + "attn_wo", out)
 
     def _mlp(self, h, p):
@@ -348,7 +378,7 @@ class Decoder:
             a = ops.ACTIVATIONS[cfg.activation][0]([u])[0][0]
         return self._linear(p + "mlp_fc2", a)
 
-    def feed(self, tokens: list[int], kv: list) -> list[float]:
+    def feed(self, tokens: list[int], kv: Cache) -> list[float]:
         """Feed tokens one position at a time; the logits after the last."""
         if not tokens:
             raise ValueError("decoding needs at least one token")
@@ -364,7 +394,7 @@ class Decoder:
             raise ValueError("generation needs a context of at least one token (e.g. BOS)")
         cfg = self.config
         tokens = list(context)
-        kv = model.new_kv_cache(cfg)
+        kv = self.new_cache()
         logits = self.feed(tokens[-cfg.block_size:], kv)
         for _ in range(max_new_tokens):
             token = pick(logits, rng, temperature, top_k, top_p, greedy)
@@ -372,10 +402,10 @@ class Decoder:
                 return
             yield token
             tokens.append(token)
-            if len(kv[0][0]) < cfg.block_size:  # room left: one more position through the cache
+            if kv.length < cfg.block_size:  # room left: one more position through the cache
                 logits = self.step(token, kv)
             else:  # the window slides: rebuild the cache from the last block_size tokens
-                kv = model.new_kv_cache(cfg)
+                kv = self.new_cache()
                 logits = self.feed(tokens[-cfg.block_size:], kv)
 
     def generator(self):

@@ -32,7 +32,7 @@ TOL_PROCESSES = 1e-12  # several processes vs one (in fact bit-identical: assert
 
 
 def logits_by_step(decoder, tokens):
-    kv = model.new_kv_cache(decoder.config)
+    kv = decoder.new_cache()
     return [decoder.step(t, kv) for t in tokens]
 
 
@@ -162,7 +162,7 @@ def test_a_worker_that_dies_is_an_error_not_a_hang():
     params = perturbed_params(cfg)
     d = Decoder(params, cfg, workers=2)
     try:
-        kv = model.new_kv_cache(cfg)
+        kv = d.new_cache()
         d.step(1, kv)
         os.kill(d.procs[0].pid, signal.SIGKILL)
         d.procs[0].join(5)
@@ -186,7 +186,7 @@ def test_bad_arguments():
         Decoder(params, cfg, workers=-2)
     with Decoder(params, cfg) as d:
         with pytest.raises(ValueError, match="outside the vocabulary"):
-            d.step(cfg.vocab_size, model.new_kv_cache(cfg))
+            d.step(cfg.vocab_size, d.new_cache())
         with pytest.raises(ValueError, match="at least one token"):
             list(d.generate([], 3, random.Random(0)))
 
