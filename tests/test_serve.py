@@ -64,6 +64,17 @@ def stream_server(stream_run):
     stop(server, thread)
 
 
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bpe")
+    data = base / "text.txt"
+    data.write_text(stream_text(3000), encoding="utf-8")
+    proc = run_cli("train", "--data", data, "--mode", "stream", "--tokenizer", "bpe",
+                   "--vocab-size", 300, "--out", base / "run", *TINY_RUN, "--steps", 3, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return base / "run"
+
+
 def request(server, method, path, body=None, headers=None, timeout=60):
     """(status, headers, body bytes) of one request."""
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout)
@@ -91,9 +102,12 @@ def cli_sample(run, **s) -> str:
     for name, value in s.items():
         flags += [{"max_tokens": "--max-new-tokens"}.get(name, "--" + name.replace("_", "-")),
                   value]
-    proc = run_cli("sample", run, "-n", 1, *flags)
+    # (bytes, decoded here: text mode would turn a sampled "\r" into "\n")
+    proc = subprocess.run([sys.executable, "-m", "puregpt", "sample", str(run), "-n", "1",
+                           *map(str, flags)], cwd=REPO, env=cli_env(), capture_output=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout.decode("utf-8")
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -103,17 +117,28 @@ SETTINGS = [dict(seed=1), dict(seed=7, prompt="ma", temperature=1.0),
             dict(seed=5, temperature=2.0, top_p=0.5, max_tokens=30, prompt="e")]
 
 
-@pytest.mark.parametrize("mode", ["docs", "stream"])
+@pytest.mark.parametrize("mode", ["docs", "stream", "bpe"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
 def test_seeded_generation_is_puregpt_samples(mode, settings, finished_run, stream_run,
-                                              docs_server, stream_server):
-    run, server = (finished_run[0], docs_server) if mode == "docs" else (stream_run,
-                                                                          stream_server)
-    events = generate(server, **settings)
+                                              docs_server, stream_server, bpe_run):
+    if mode == "bpe":  # (byte-level BPE, stream mode)
+        server, thread = start(bpe_run)
+        try:
+            events = generate(server, **settings)
+        finally:
+            stop(server, thread)
+        run = bpe_run
+    else:
+        run, server = (finished_run[0], docs_server) if mode == "docs" else (stream_run,
+                                                                              stream_server)
+        events = generate(server, **settings)
     printed = cli_sample(run, **settings)
     prompt = settings.get("prompt", "")
     assert printed == events[-1]["text"] + "\n"
-    assert prompt + "".join(e["token"] for e in events[:-1]) == events[-1]["text"]
+    tok = load_checkpoint(resolve_checkpoint(str(run))).tokenizer
+    assert prompt + tok.decode([e["id"] for e in events[:-1]]) == events[-1]["text"]
+    if mode != "bpe":  # (a BPE token may hold part of a character: its text then shows U+FFFD)
+        assert prompt + "".join(e["token"] for e in events[:-1]) == events[-1]["text"]
     assert events[-1]["seed"] == settings["seed"]
     assert events[-1]["tokens"] == len(events) - 1
 
