@@ -113,6 +113,7 @@ def test_per_token_losses_sum_to_the_score(tmp_path):
         assert data["tokens"][0]["logprob"] is None and len(lps) == n
         assert abs(sum(lps) - logprob) < 1e-12
         assert abs(data["loss"] - (-logprob / n)) < 1e-12
+        assert abs(data["logprob"] - logprob) < 1e-12
         assert all(t["surprisal"] == -t["logprob"] for t in data["tokens"][1:])
         # docs mode: BOS-wrapped, as training reads it; stream mode: the text as a prompt
         assert data["inputs"] == (TOK.encode_doc("decaf")[:-1] if docs else TOK.encode("decaf"))
