@@ -92,7 +92,7 @@ def explain(params: dict, config, tokenizer, text: str, train_config: TrainConfi
     checkpoint; None: fresh moments); step: the run's step, which sets the learning rate of the
     training step shown. The model is never changed."""
     inputs, targets, dropped = _sequence(tokenizer, text, config.block_size, docs_mode)
-    T, L, H = len(inputs), config.n_layer, config.n_head
+    T, L = len(inputs), config.n_layer
     trace = {}
     logits, cache = model.forward(params, config, [inputs], trace=trace)
     attention = [[[row[:i + 1] for i, row in enumerate(head)]  # the triangle: keys 0..i
@@ -131,7 +131,7 @@ def explain(params: dict, config, tokenizer, text: str, train_config: TrainConfi
         "truncated": {"total_tokens": dropped + T, "dropped": dropped} if dropped else None,
         "notes": notes,
         "tokens": tokens, "inputs": inputs, "targets": targets,
-        "loss": loss, "logprob": None if loss is None else -loss * n_targets,
+        "loss": loss, "logprob": None if loss is None else sum(logprobs[1:]),
         "attention": attention,
         "logits": logits, "top": top,
         "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -228,16 +228,14 @@ def _train_step(params, grads, tc: TrainConfig | None, optimizer: dict | None, s
 
 # --- walk the math -----------------------------------------------------------------------------
 
-# gpt.py's function for each op (None: gpt.py, microgpt, has no such switch)
+# gpt.py's function for each op; the others (gelu, silu, the gated MLP, rope, QK-norm, ...)
+# have none: gpt.py is microgpt, without those switches
 GPT_COUNTERPART = {
     "embedding_forward": "forward", "embedding_backward": "backward",
     "rmsnorm_forward": "rmsnorm", "rmsnorm_backward": "rmsnorm_backward",
-    "layernorm_forward": None, "layernorm_backward": None,
     "linear_forward": "linear", "linear_backward": "linear_backward",
     "attention_forward": "attention", "attention_backward": "attention_backward",
     "relu_forward": "relu", "relu_backward": "relu_backward",
-    "gelu_forward": None, "gelu_backward": None, "gelu_tanh_forward": None,
-    "gelu_tanh_backward": None,
     "add_rows": "add", "add_into_rows": "add",
     "cross_entropy_forward": "cross_entropy", "cross_entropy_backward": "cross_entropy_backward",
 }
@@ -257,7 +255,7 @@ def _where(module, name: str) -> dict:
 def _op(phase, what, op, in_model, inputs, output, values):
     short = op.rsplit("_", 1)[0] if op.endswith(("_forward", "_backward")) else op
     return {"phase": phase, "what": what, "op": short, "ops": _where(ops, op),
-            "model": _where(model, in_model), "gpt": GPT_COUNTERPART[op],
+            "model": _where(model, in_model), "gpt": GPT_COUNTERPART.get(op),
             "inputs": inputs, "output": output, "values": _few(values)}
 
 
@@ -297,34 +295,53 @@ def _walk(params, config, inputs, cache, trace, logits, loss, dlogits, grads) ->
     emb, _ = ops.embedding_forward(inputs, list(range(T)), params["wte"],
                                    model.position_table(params, config))
     pair("token (+ position) embedding", "embedding", "forward", "backward",
-         [[T], [V, C]] + ([[config.block_size, C]] if config.pos != "none" else []), [T, C],
+         [[T], [V, C]] + ([[config.block_size, C]] if config.pos in ("learned", "sinusoidal")
+                          else []), [T, C],
          emb[-1], "wte")
     bwd[-1]["output"] = [V, C]  # the gradient lands in wte's rows
     if config.emb_norm:
         norm_pair("emb_norm", trace["embed"][-1])
     x = trace["embed"][-1]  # the residual stream at the last position, before each sub-block
+    kvd, Hd = config.kv_heads * config.head_dim, config.hidden  # K/V width, MLP width
     for l in range(config.n_layer):
         p = f"layer{l}."
         c = cache[f"layer{l}"]
-        c_qkv, c_heads, c_o = c["attn"]
+        c_qkv, c_heads, c_o = c["attn"][:3]
         c1, c_act, c2 = c["mlp"]
+        Q = c_heads[0][0]  # the queries as attention reads them (after QK-norm and rope)
         pre = config.norm_position == "pre"
         if pre:
             norm_pair(p + "attn_norm", c_qkv[0][-1])
-        linear(p + "attn_wq", p + "attn_qkv (Q, K, V stacked)", C, 3 * C, c_heads[0][0][-1],
+        bias = [x for w in model.layer_tensors(p + "attn_qkv")
+                for x in params.get(w + "_b", [])] or None
+        qkv, _ = ops.linear_forward(c_qkv[0][-1:], c_qkv[1], bias)  # its last row, for show
+        linear(p + "attn_wq", p + "attn_qkv (Q, K, V stacked)", C, C + 2 * kvd, qkv[0],
                "attn_forward")
+        row_ops = ([("attn q, k: QK-norm per head", "head_rmsnorm", p + "attn_q_norm_g")]
+                   if config.qk_norm else []) + \
+            ([("attn q, k: rotary positions", "rope", None)] if config.pos == "rope" else [])
+        for i, (what, op, gain) in enumerate(row_ops):
+            pair(p + what, op, "attn_forward", "attn_backward", [[T, C], [T, kvd]], [T, C],
+                 Q[-1] if i + 1 == len(row_ops) else [], gain)
         pair(p + "attention", "attention", "attn_forward", "attn_backward",
-             [[T, C], [T, C], [T, C]], [T, C], c_o[0][-1])
+             [[T, C], [T, kvd], [T, kvd]], [T, C], c_o[0][-1])
         linear(p + "attn_wo", p + "attn_wo", C, C, trace[p + "attn"][-1], "attn_forward")
         residual(p + "attn residual", ops.add_rows([x], [trace[p + "attn"][-1]])[0])
         if not pre:
             norm_pair(p + "attn_norm", trace[p + "resid_attn"][-1])
         x = trace[p + "resid_attn"][-1]
         if pre:
-            norm_pair(p + "mlp_norm", c1[0][-1])
-        linear(p + "mlp_fc1", p + "mlp_fc1", C, 4 * C, c_act[-1], "mlp_forward")
-        pair(p + act, act, "mlp_forward", "mlp_backward", [[T, 4 * C]], [T, 4 * C], c2[0][-1])
-        linear(p + "mlp_fc2", p + "mlp_fc2", 4 * C, C, trace[p + "mlp"][-1], "mlp_forward")
+            fc1_cache = c1 if config.mlp == "plain" else c1[0]  # swiglu: (fc1's, gate's)
+            norm_pair(p + "mlp_norm", fc1_cache[0][-1])
+        if config.mlp == "plain":
+            linear(p + "mlp_fc1", p + "mlp_fc1", C, Hd, c_act[-1], "mlp_forward")
+            pair(p + act, act, "mlp_forward", "mlp_backward", [[T, Hd]], [T, Hd], c2[0][-1])
+        else:  # swiglu: fc2 (act(gate x) * fc1 x); the gated op's cache holds act's input
+            linear(p + "mlp_fc1", p + "mlp_fc1 (up)", C, Hd, c_act[2][-1], "mlp_forward")
+            linear(p + "mlp_gate", p + "mlp_gate", C, Hd, c_act[1][-1], "mlp_forward")
+            pair(p + f"{act}(gate) * up", "gated", "mlp_forward", "mlp_backward",
+                 [[T, Hd], [T, Hd]], [T, Hd], c2[0][-1])
+        linear(p + "mlp_fc2", p + "mlp_fc2", Hd, C, trace[p + "mlp"][-1], "mlp_forward")
         residual(p + "mlp residual", ops.add_rows([x], [trace[p + "mlp"][-1]])[0])
         if not pre:
             norm_pair(p + "mlp_norm", trace[p + "resid_mlp"][-1])

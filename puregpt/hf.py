@@ -74,7 +74,12 @@ _GPT2_SHAPE = {
     "emb_norm": (False, "GPT-2 has no norm after the embeddings", "--no-emb-norm"),
     "final_norm": (True, "GPT-2 ends with a LayerNorm (ln_f)", "--final-norm"),
     "bias": (True, "GPT-2's attention and MLP layers have biases", "--bias"),
+    "mlp": ("plain", "GPT-2's MLP is c_proj act(c_fc x), not gated", "--mlp plain"),
+    "mlp_hidden": (None, "GPT-2's MLP is 4 n_embd wide", "no --mlp-hidden"),
+    "n_kv_head": (None, "GPT-2 has as many K/V heads as query heads", "no --n-kv-head"),
+    "qk_norm": (False, "GPT-2 does not normalize q and k", "--no-qk-norm"),
 }
+_GPT2_ACTIVATION_FLAG = "--activation gelu_tanh"
 
 
 # --- the layout --------------------------------------------------------------------------------
@@ -88,6 +93,9 @@ def gpt2_incompatibilities(config: GPTConfig) -> list[str]:
         have = getattr(config, name)
         if have != want:
             out.append(f"{name}={have!r}: {why} (use {flag})")
+    if config.activation not in ACTIVATION_TO_HF:
+        out.append(f"activation={config.activation!r}: puregpt exports GPT-2 with "
+                   f"{', '.join(ACTIVATION_TO_HF)} (use {_GPT2_ACTIVATION_FLAG})")
     return out
 
 
@@ -170,6 +178,7 @@ def _check_exportable(ckpt: Checkpoint, dtype: str) -> None:
     if problems:
         flags = [flag for name, (want, _, flag) in _GPT2_SHAPE.items()
                  if getattr(config, name) != want]
+        flags += [_GPT2_ACTIVATION_FLAG] if config.activation not in ACTIVATION_TO_HF else []
         raise ConfigError(
             "cannot export to Hugging Face GPT-2: this model has option(s) GPT-2 cannot "
             "express:\n  " + "\n  ".join(problems) + "\nTrain a compatible model with "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -104,12 +105,15 @@ def test_train_large(tmp_path):
     for rates in r["dot_rates"].values():
         assert positive(rates["sum_map_mul"], rates["engine_matmul"])
     assert positive(r["ceiling_macs_per_s"], r["fraction_of_ceiling"])
+    # the step's products replayed alone: a part of the step, so below its time (with noise)
+    assert r["products"]["calls"] > 0 and positive(r["products"]["seconds"])
+    assert r["fraction_of_products"] == r["products"]["seconds"] / r["single"]["best_step_seconds"]
     w = r["workers"]
     assert w["n"] == 2 and positive(w["speedup"])
     assert w["max_grad_rel_diff"] <= 1e-9 and w["max_loss_diff"] <= 1e-9
     assert isinstance(w["identical_1e-12"], bool) and len(w["checks"]) == r["steps"]
     assert r["targets"] == {"fraction_of_ceiling": 0.8, "workers_speedup": 1.8,
-                            "workers_tolerance": 1e-12}
+                            "workers_tolerance": 1e-12, "fraction_of_products": 0.85}
 
 
 def test_sample(tmp_path):
@@ -135,6 +139,25 @@ def test_notebook(tmp_path):
     assert positive(r["run_all_seconds"]) and r["run_all_seconds"] >= r["cells_seconds"] > 0
     assert r["meets_target"] is None and "- (--quick)" in stdout  # the target: full runs only
     assert len(r["slowest_cells"]) == 3 and r["slowest_cells"][0][0] >= r["slowest_cells"][1][0]
+
+
+def test_train_large_records_every_product_of_a_step():
+    """The products replayed alone are the step's: per layer, forward Q K V, O, fc1, fc2 and per
+    sequence and head one a.v product, backward dX and dW of each linear layer and three
+    attention products per head; lm_head's forward, dX and dW; and one ops.dots call per query
+    and head in each direction. The replay gives the recorded calls' results again."""
+    bench = load_run().BENCHMARKS["train-large"]
+    cfg, _, params, batch, *_ = bench.large_setup(bench.QUICK)
+    B, T, H, L = bench.QUICK["large_batch"], cfg.block_size, cfg.n_head, cfg.n_layer
+    calls = bench.record_products(params, cfg, batch(0))
+    names = [f.__name__ for f, _, _ in calls]
+    assert names.count("matmul") == L * (4 + B * H + 8 + 3 * B * H) + 3
+    assert names.count("dots") == L * B * H * T * 2
+    f, A, Bm = calls[0]  # the first layer's stacked Q, K, V product: (N, C) x (3C, C)
+    assert (len(A), len(Bm), len(A[0])) == (B * T, 3 * cfg.n_embd, cfg.n_embd)
+    row = f(A, Bm)[0]
+    assert max(abs(c - math.fsum(x * y for x, y in zip(A[0], b))) for c, b in zip(row, Bm)) < 1e-12
+    assert bench.products_seconds(calls[:5], trials=1) > 0
 
 
 def test_mac_formula():

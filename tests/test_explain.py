@@ -61,7 +61,8 @@ def test_attention_is_the_forwards_and_torchs(combo):
             assert all(engine[h][i][:i + 1] == shown[h][i] for i in range(T))  # the cache's own
             assert all(w == 0.0 for i in range(T) for w in engine[h][i][i + 1:])
             assert all(abs(sum(row) - 1) < 1e-12 for row in shown[h])
-        # PyTorch, from the attention's input and the same Q and K weights (and biases)
+        # PyTorch, from the attention's input and the same Q and K weights (and biases); with
+        # QK-norm or rope, from q and k as the attention reads them (the engine's, rotated)
         X = torch.tensor(cache[f"layer{l}"]["attn"][0][0], dtype=torch.float64)  # (T, C)
         p = f"layer{l}."
 
@@ -71,9 +72,14 @@ def test_attention_is_the_forwards_and_torchs(combo):
             return X @ W.T + (torch.tensor(b, dtype=torch.float64) if b else 0.0)
 
         q, k = proj("attn_wq"), proj("attn_wk")
+        if cfg.qk_norm or cfg.pos == "rope":
+            heads = cache[f"layer{l}"]["attn"][1][0]
+            q, k = (torch.tensor(heads[i], dtype=torch.float64) for i in (0, 1))
+        group = cfg.n_head // cfg.kv_heads  # query heads per K head
         mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
         for h in range(cfg.n_head):
-            s = q[:, h * hd:(h + 1) * hd] @ k[:, h * hd:(h + 1) * hd].T / math.sqrt(hd)
+            j = h // group
+            s = q[:, h * hd:(h + 1) * hd] @ k[:, j * hd:(j + 1) * hd].T / math.sqrt(hd)
             a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
             for i in range(T):
                 assert max(abs(x - y) for x, y in zip(shown[h][i], a[i, :i + 1].tolist())) < 1e-9
@@ -107,6 +113,7 @@ def test_per_token_losses_sum_to_the_score(tmp_path):
         assert data["tokens"][0]["logprob"] is None and len(lps) == n
         assert abs(sum(lps) - logprob) < 1e-12
         assert abs(data["loss"] - (-logprob / n)) < 1e-12
+        assert abs(data["logprob"] - logprob) < 1e-12
         assert all(t["surprisal"] == -t["logprob"] for t in data["tokens"][1:])
         # docs mode: BOS-wrapped, as training reads it; stream mode: the text as a prompt
         assert data["inputs"] == (TOK.encode_doc("decaf")[:-1] if docs else TOK.encode("decaf"))
@@ -241,8 +248,10 @@ def test_walk_the_math_names_real_functions():
         assert [o["what"] for o in bwd] == [o["what"] for o in fwd][::-1]  # reverse order
         assert fwd[0]["op"] == bwd[-1]["op"] == "embedding"
         assert fwd[-1]["op"] == bwd[0]["op"] == "cross_entropy"
-        # embedding, lm_head, loss; per layer two norms, qkv, attention, wo, add, fc1, act, fc2, add
-        assert len(fwd) == 3 + cfg.emb_norm + cfg.final_norm + 10 * cfg.n_layer
+        # embedding, lm_head, loss; per layer two norms, qkv, attention, wo, add, fc1, act, fc2,
+        # add (+ QK-norm, rope, the swiglu gate's linear)
+        per_layer = 10 + cfg.qk_norm + (cfg.pos == "rope") + (cfg.mlp == "swiglu")
+        assert len(fwd) == 3 + cfg.emb_norm + cfg.final_norm + per_layer * cfg.n_layer
         for o in data["ops"]:
             assert o["ops"]["file"] == "puregpt/ops.py" and hasattr(ops, o["ops"]["function"])
             assert getattr(ops, o["ops"]["function"]).__code__.co_firstlineno == o["ops"]["line"]
