@@ -216,6 +216,7 @@ def test_twenty_concurrent_requests_all_finish_with_their_seeds_outputs(finished
 BAD_GENERATE = [
     (b"{not json", "malformed JSON"),
     (b"[1, 2]", "must be a JSON object, got list"),
+    (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
     (b"\xff\xfe", "not UTF-8"),
     ({"prompt": "a", "bogus": 1}, "unknown field(s): bogus"),
     ({"prompt": 3}, "prompt must be a string"),
