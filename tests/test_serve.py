@@ -390,6 +390,32 @@ def test_explain_gives_explains_numbers(finished_run, docs_server):
     assert json.loads(data) == json.loads(json.dumps(direct))
 
 
+def test_explains_and_generations_side_by_side_do_not_touch_each_other(finished_run,
+                                                                       docs_server):
+    """The model is shared: explain's training step works on copies, so four explains of
+    different texts, running with generations, give each its own numbers."""
+    from puregpt.explain import explain_checkpoint
+    texts = ["emma", "ava", "olivia", "mia"]
+    want = {t: json.loads(json.dumps(explain_checkpoint(docs_server.path, t))) for t in texts}
+    got, errors = {}, []
+
+    def client(text):
+        try:
+            got[text] = json.loads(request(docs_server, "POST", "/api/explain",
+                                           {"text": text})[2])
+            generate(docs_server, seed=len(text), max_tokens=8)
+        except Exception as e:  # reported below
+            errors.append(f"{text}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert got == want
+
+
 def test_the_page_is_the_live_page(docs_server):
     status, headers, data = request(docs_server, "GET", "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
