@@ -455,4 +455,6 @@ def render_page(data: dict, live: bool = False) -> str:
     with open(TEMPLATE, encoding="utf-8") as f:
         page = f.read()
     blob = to_json(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    if live:  # how the live page is known (by its clients, its tests)
+        page = page.replace("<head>", '<head>\n<meta name="puregpt-live" content="1">', 1)
     return page.replace(LIVE_MARK, "true" if live else "false").replace(DATA_MARK, blob)

@@ -336,15 +336,16 @@ def serve(ckpt: Checkpoint, path: str, host: str = "127.0.0.1", port: int = 8000
           out=sys.stdout) -> int:
     """Serve until Ctrl-C; print where (and whether only this machine can connect)."""
     server = Server(ckpt, path, host, port)
-    print(f"serving {path} at {server.url}", file=out, flush=True)
-    if server.loopback:
-        print("local only: only this machine can connect (--host 0.0.0.0 to share it on the "
-              "network)", file=out, flush=True)
-    else:
-        print(f"warning: listening on {server.server_address[0]}: anyone who can reach this "
-              f"machine can use the model (there is no authentication)", file=out, flush=True)
-    print("Ctrl-C stops it", file=out, flush=True)
-    try:
+    try:  # (from here on, a Ctrl-C is a clean stop, even before the first request)
+        print(f"serving {path} at {server.url}", file=out, flush=True)
+        if server.loopback:
+            print("local only: only this machine can connect (--host 0.0.0.0 to share it on "
+                  "the network)", file=out, flush=True)
+        else:
+            print(f"warning: listening on {server.server_address[0]}: anyone who can reach "
+                  f"this machine can use the model (there is no authentication)", file=out,
+                  flush=True)
+        print("Ctrl-C stops it", file=out, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("\nstopped", file=out, flush=True)

@@ -7,6 +7,7 @@ concurrent requests all finish with their seeds' outputs; Ctrl-C stops the comma
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
@@ -349,20 +350,53 @@ def test_a_stalled_client_does_not_block_others(docs_server):
             s.close()
 
 
+# --- explain and the page ------------------------------------------------------------------------
+
+
+def test_explain_gives_explains_numbers(finished_run, docs_server):
+    from puregpt.explain import explain
+    ckpt = load_checkpoint(resolve_checkpoint(str(finished_run[0])))
+    status, headers, data = request(docs_server, "POST", "/api/explain", {"text": "emma"})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    direct = explain(ckpt.params, ckpt.config, ckpt.tokenizer, "emma",
+                     train_config=ckpt.train_config, docs_mode=True, optimizer=ckpt.optimizer,
+                     step=ckpt.step)
+    assert json.loads(data) == json.loads(json.dumps(direct))
+
+
+def test_the_page_is_the_live_page(docs_server):
+    status, headers, data = request(docs_server, "GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert data.count(b'<meta name="puregpt-live" content="1">') == 1
+    assert b'data-live="true"' in data and b'<script id="puregpt-live">' in data
+    from puregpt.explain import explain_checkpoint, render_page
+    static = render_page(explain_checkpoint(docs_server.path, "emma"))
+    assert 'name="puregpt-live"' not in static and 'data-live="false"' in static
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
-def start_cli(*args):
+@contextlib.contextmanager
+def serving(*args):
+    """`puregpt serve ARGS` in a subprocess: yields its first three lines and a dict that, once
+    the block ends and the command got its Ctrl-C (SIGINT), holds its code, stdout and stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "puregpt", "serve", *map(str, args)],
                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    lines = [proc.stdout.readline() for _ in range(3)]
-    return proc, lines
+    stopped = {}
+    try:
+        yield [proc.stdout.readline() for _ in range(3)], stopped
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        stopped.update(code=proc.returncode, out=out, err=err)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_ctrl_c_stops_the_command_cleanly(finished_run):
-    proc, lines = start_cli(finished_run[0], "--port", 0)
-    try:
+    with serving(finished_run[0], "--port", 0) as (lines, stopped):
         assert lines[0].startswith(f"serving {finished_run[0] / 'best.safetensors'} at "
                                    f"http://127.0.0.1:"), lines
         assert lines[1].startswith("local only: only this machine can connect"), lines
@@ -372,14 +406,9 @@ def test_ctrl_c_stops_the_command_cleanly(finished_run):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/api/info")
         assert json.loads(conn.getresponse().read())["step"] == 6
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, err
-    assert out.strip().endswith("stopped")
-    assert "Traceback" not in err
+    assert stopped["code"] == 0, stopped["err"]
+    assert stopped["out"].strip().endswith("stopped")
+    assert "Traceback" not in stopped["err"]
 
 
 def test_the_command_names_its_model_as_sample_does(tmp_path, finished_run):
@@ -389,12 +418,15 @@ def test_the_command_names_its_model_as_sample_does(tmp_path, finished_run):
     assert proc.returncode == 1 and "no model in ./run (the default)" in proc.stderr
     proc = run_cli("serve", "--port", 70000)
     assert proc.returncode == 2 and "--port must be between 0 and 65535" in proc.stderr
-    proc, lines = start_cli("-m", finished_run[0] / "last.safetensors", "--port", 0)
-    try:
+    with serving("-m", finished_run[0] / "last.safetensors", "--port", 0) as (lines, stopped):
         assert lines[0].startswith(f"serving {finished_run[0] / 'last.safetensors'} at ")
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0
+    assert stopped["code"] == 0
+
+
+def test_listening_beyond_loopback_comes_with_a_warning(finished_run):
+    """(and a Ctrl-C straight after the start is a clean stop too)"""
+    with serving(finished_run[0], "--host", "0.0.0.0", "--port", 0) as (lines, stopped):
+        assert " at http://0.0.0.0:" in lines[0]
+        assert lines[1].startswith("warning: listening on 0.0.0.0: anyone who can reach this "
+                                   "machine can use the model"), lines
+    assert stopped["code"] == 0
