@@ -7,6 +7,7 @@
     python benchmarks/run.py sample            # KV-cached generation vs full re-forward
     python benchmarks/run.py memory            # peak RSS of training, fresh processes
     python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
+    python benchmarks/run.py compare           # a 4-run grid: --jobs 2 vs one after another
     python benchmarks/run.py all --quick       # tiny sizes, for CI (asserts the checks, not speed)
 
 Every benchmark compares within ONE run (ratios), alternating the contenders and keeping each
@@ -27,6 +28,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # when loaded by path rather than run as a script
     sys.path.insert(0, str(BENCH_DIR))
 
+import bench_compare  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_notebook  # noqa: E402
 import bench_race  # noqa: E402
@@ -43,6 +45,7 @@ BENCHMARKS = {
     "sample": bench_sample,
     "memory": bench_memory,
     "notebook": bench_notebook,
+    "compare": bench_compare,
 }
 
 
