@@ -569,8 +569,9 @@ def compare(grid: Grid, out: str, jobs: int = 0, smooth: float = 0.8, quiet: boo
 
     def redraw(_jobs=None):
         return write_report(grid, out, smooth)
+    pool = Pool(todo, n, grid.data, display, redraw)
     if left:
-        Pool(todo, n, grid.data, display, redraw).run()
+        pool.run()
         display.draw(todo, force=True)
     report = redraw()
     stopped = [j for j in todo if j.state == "stopped"]
@@ -579,9 +580,10 @@ def compare(grid: Grid, out: str, jobs: int = 0, smooth: float = 0.8, quiet: boo
         raise TrainingError("runs failed: " + "; ".join(
             f"{j.dir}: {j.message}" for j in failed) + f" (the report of the others is in "
             f"{out}/report.md)")
-    if stopped:
+    if stopped or pool.stopping is not None:
         raise Interrupted(f"interrupted: {len(stopped)} run(s) stopped with their checkpoints "
-                          f"saved; the same command again resumes them", signal.SIGINT)
+                          f"saved; the same command again resumes them",
+                          pool.stopping or signal.SIGINT)
     return report
 
 
