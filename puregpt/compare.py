@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 from .config import CHOICES, ConfigError, GPTConfig, TrainConfig
 from .fsutil import atomic_write, brief
-from .train import Interrupted, TrainingError
+from .train import Interrupted, TrainingError, _clock, _main_thread, terminal_width
 
 MANIFEST = "compare.json"
 FORMAT = 1
@@ -412,7 +412,7 @@ class Pool:
 
     def run(self) -> None:
         from multiprocessing.connection import wait
-        main = _on_main_thread()
+        main = _main_thread()
         saved = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)} \
             if main else {}
         try:
@@ -447,17 +447,7 @@ class Pool:
                 signal.signal(s, h)
 
 
-def _on_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 # --- progress ----------------------------------------------------------------------------------
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Display:
@@ -517,7 +507,7 @@ class Display:
             self.last = now
             self._clear()
             lines = [head] + [self.line(j) for j in jobs]
-            self.stream.write("\n".join(line[:_width(self.stream) - 1] + "\x1b[K"
+            self.stream.write("\n".join(line[:terminal_width(self.stream) - 1] + "\x1b[K"
                                         for line in lines) + "\n")
             self.stream.flush()
             self.drawn = len(lines)
@@ -527,13 +517,6 @@ class Display:
                 self.seen[id(job)] = job.state
                 if job.state != "waiting":
                     print(self.line(job) + f"   [{head}]", file=self.stream, flush=True)
-
-
-def _width(stream) -> int:
-    try:
-        return os.get_terminal_size(stream.fileno()).columns or 80
-    except (AttributeError, OSError, ValueError):
-        return 80
 
 
 # --- the command -------------------------------------------------------------------------------

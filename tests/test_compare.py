@@ -140,8 +140,10 @@ def test_the_tables_means_and_stds_are_the_runs_own(grid):
         tok = [sum(r["tokens"] for r in metrics_rows(run_dir(out, label, seed)))
                for seed in (42, 43)]
         assert tokens == f"{statistics.mean(tok):,.0f}"
-        n = load_checkpoint(run_dir(out, label, 42) / "last.safetensors").params
-        assert params == f"{sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1) for t in n.values()):,}"
+        weights = load_checkpoint(run_dir(out, label, 42) / "last.safetensors").params
+        count = sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1)
+                    for t in weights.values())
+        assert params == f"{count:,}"
         assert seeds == "2/2"
     assert means == sorted(means)  # ranked by mean final validation loss
     numbers = json.loads((out / "report.json").read_text())
@@ -392,3 +394,16 @@ def test_the_grid_in_python():
     with pytest.raises(ConfigError, match="not on or off"):
         parse_vary(["bias=maybe"])
     assert parse_vary(["lr=0.01,1e-3"])[0][3] == [0.01, 0.001]
+
+
+def test_verdicts_in_words():
+    from puregpt.report import verdict
+    assert verdict([1.0, 1.1, 1.05], [2.0, 2.1, 2.05])["verdict"] == "better"  # lower loss
+    assert verdict([2.0, 2.1, 2.05], [1.0, 1.1, 1.05])["verdict"] == "worse"
+    assert verdict([1.0, 2.0, 1.5], [1.1, 2.1, 1.4])["verdict"] == \
+        "no difference detectable with 3 seeds"
+    assert verdict([1.0, 2.0], [1.1, 2.1, 1.4])["verdict"] == \
+        "no difference detectable with 2 and 3 seeds"
+    one = verdict([1.0], [2.0])
+    assert one["diff"] == -1.0 and one["low"] is None and "one seed: no interval" in one["verdict"]
+    assert verdict([], [2.0])["verdict"] == "not finished yet"
