@@ -301,6 +301,7 @@ def _child(conn, parent: int, model: dict, train_cfg: dict, data, run_dir: str, 
     os.setpgrp()  # out of the terminal's process group: the parent forwards Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (fork copies the parent's handlers) until
     signal.signal(signal.SIGINT, signal.default_int_handler)  # train sets its own
+    _unblock_signals(True)  # (blocked by the parent around the fork)
     from .train import train
     last = [0.0]
 
@@ -328,6 +329,18 @@ def _child(conn, parent: int, model: dict, train_cfg: dict, data, run_dir: str, 
         conn.send(("failed", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
+
+
+def _block_signals() -> bool:
+    if not hasattr(signal, "pthread_sigmask"):
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    return True
+
+
+def _unblock_signals(blocked: bool) -> None:
+    if blocked and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 # --- the pool ----------------------------------------------------------------------------------
@@ -388,7 +401,13 @@ class Pool:
         job.proc = self.ctx.Process(target=_child, args=(child, os.getpid(), c.model, train_cfg,
                                                          self.data, job.dir, state == "partial"),
                                     daemon=False)
-        job.proc.start()
+        # Ctrl-C during the fork would reach the child before it has handlers of its own
+        # (it would run the parent's copy and train on): signals wait until both are ready
+        blocked = _block_signals()
+        try:
+            job.proc.start()
+        finally:
+            _unblock_signals(blocked)
         child.close()
         job.conn, job.state, job.step, job.start_step = parent, "running", step, step
         job.t0 = time.monotonic()
@@ -417,7 +436,9 @@ class Pool:
             if main else {}
         try:
             while True:
-                running = [j for j in self.jobs if j.state == "running"]
+                # a job whose process has not been joined yet (it may have said "done" and
+                # still be exiting): it holds a slot, and its end redraws the report
+                running = [j for j in self.jobs if j.proc is not None and j.conn is not None]
                 if self.stopping is None:
                     for job in [j for j in self.jobs if j.state == "waiting"][
                             :self.n - len(running)]:
@@ -435,6 +456,7 @@ class Pool:
                         job.proc.join()
                         self._read(job)
                         job.conn.close()
+                        job.conn = None
                         if job.state == "running":  # died without a word (killed)
                             job.state = "stopped" if self.stopping else "failed"
                             job.message = f"the process ended with code {job.proc.exitcode}"

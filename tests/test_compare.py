@@ -407,3 +407,22 @@ def test_verdicts_in_words():
     one = verdict([1.0], [2.0])
     assert one["diff"] == -1.0 and one["low"] is None and "one seed: no interval" in one["verdict"]
     assert verdict([], [2.0])["verdict"] == "not finished yet"
+
+
+def test_the_report_is_redrawn_as_runs_finish(tmp_path):
+    data = names_file(tmp_path, 200)
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "puregpt", "compare", "--data", str(data),
+                             "--vary", "steps=4,3000", "--seeds", "1", *TINY, "--jobs", "1",
+                             "--out", str(out)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report = out / "report.md"
+    deadline = time.monotonic() + 120
+    while not report.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert running and report.exists()
+    rows = {r[1].replace(" (baseline)", ""): r for r in md_table(report.read_text(), "Ranking")}
+    assert rows["steps=4"][8] == "1/1" and rows["steps=3000"][8] == "0/1"
