@@ -5,6 +5,7 @@
     python benchmarks/run.py race              # the 1000-step microgpt run, fresh processes
     python benchmarks/run.py train-large       # ~200K parameters: MAC/s vs the dot ceiling, workers
     python benchmarks/run.py sample            # KV-cached generation vs full re-forward
+    python benchmarks/run.py gpt2              # GPT-2 124M shape: import, load, decode, memory
     python benchmarks/run.py memory            # peak RSS of training, fresh processes
     python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
     python benchmarks/run.py explain           # seconds per x-ray page (puregpt explain), < 1 s
@@ -31,6 +32,7 @@ if str(BENCH_DIR) not in sys.path:  # when loaded by path rather than run as a s
 
 import bench_explain  # noqa: E402
 import bench_compare  # noqa: E402
+import bench_gpt2  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_notebook  # noqa: E402
 import bench_race  # noqa: E402
@@ -49,6 +51,7 @@ BENCHMARKS = {
     "notebook": bench_notebook,
     "explain": bench_explain,
     "compare": bench_compare,
+    "gpt2": bench_gpt2,
 }
 
 
