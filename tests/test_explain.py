@@ -288,6 +288,10 @@ def test_the_api_json_and_page_hold_the_same_numbers(tmp_path):
     path, ckpt = _checkpoint(tmp_path)
     api = puregpt.explain(ckpt, "fade")
     assert api == explain_mod.explain_checkpoint(path, "fade")
+    run_dir = tmp_path / "run"  # a run directory means its best checkpoint
+    run_dir.mkdir()
+    (run_dir / "best.safetensors").write_bytes(path.read_bytes())
+    assert explain_mod.explain_checkpoint(run_dir, "fade") == api
     out, js = tmp_path / "page.html", tmp_path / "page.json"
     proc = run_cli("explain", path, "fade", "-o", out, "--json", js)
     assert proc.returncode == 0, proc.stderr
