@@ -502,8 +502,8 @@ MALFORMED = {
     "activation": (_config_edit("activation_function", "silu"),
                    r"activation_function 'silu' is not supported \(supported: gelu_new, "
                    r"gelu_pytorch_tanh, gelu, relu\)"),
-    "model type": (_config_edit("model_type", "llama"),
-                   r"model_type is 'llama'; only 'gpt2' can be imported"),
+    "model type": (_config_edit("model_type", "mistral"),
+                   r"model_type is 'mistral'; puregpt imports 'gpt2' and 'llama'"),
     "config key": (_config_edit("n_head", None), r"missing key\(s\): n_head"),
     "n_inner": (_config_edit("n_inner", 100), r"n_inner=100: puregpt's MLP is 4 \* n_embd wide"),
     "vocab": (_config_edit("vocab_size", 301),
