@@ -20,18 +20,30 @@ MODEL_HELP = {
     "n_layer": "transformer blocks",
     "n_embd": "embedding width C",
     "n_head": "attention heads; must divide n_embd",
-    "pos": "positions added to token embeddings: learned, sinusoidal (fixed) or none",
+    "pos": "positions: learned, sinusoidal (fixed) or none added to token embeddings, or rope "
+           "(q and k rotated per head)",
     "norm": "normalization: rmsnorm or layernorm",
     "norm_affine": "learnable gain (and bias, for layernorm) in every norm",
     "norm_position": "pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (2017 Transformer)",
     "emb_norm": "normalize the embedding sum before the first block (microgpt)",
     "final_norm": "normalize before lm_head (GPT-2's ln_f)",
-    "activation": "MLP activation: relu, gelu (exact erf) or gelu_tanh (GPT-2's approximation)",
+    "activation": "MLP activation: relu, gelu (exact erf), gelu_tanh (GPT-2's approximation) "
+                  "or silu (x sigmoid(x))",
     "bias": "biases in the attention and MLP linear layers",
     "tie_embeddings": "lm_head shares the token embedding matrix wte",
     "init_std": "standard deviation of the initial weights",
     "scaled_init": "GPT-2 init: attn_wo and mlp_fc2 get init_std / sqrt(2 n_layer)",
     "norm_eps": "epsilon inside the norms' square root",
+    "rope_theta": "RoPE's base: pair i of a head turns by position * theta^(-2i/hd) (with --pos "
+                  "rope)",
+    "mlp": "MLP: plain (fc2 act(fc1 x)) or swiglu (fc2 (silu(gate x) * fc1 x), Llama's; needs "
+           "--activation silu)",
+    "mlp_hidden": "the MLP's hidden width (auto: 4 n_embd for plain; for swiglu 2/3 of that "
+                  "rounded up to a multiple of --mlp-multiple-of)",
+    "mlp_multiple_of": "swiglu's automatic hidden width is rounded up to a multiple of this",
+    "n_kv_head": "K/V heads, each shared by n_head / n_kv_head query heads (grouped-query "
+                 "attention; 1: multi-query; auto: n_head); must divide n_head",
+    "qk_norm": "RMSNorm with a gain on each head's q and k before the scores",
 }
 TRAIN_HELP = {
     "steps": "optimizer steps",
@@ -74,10 +86,10 @@ def _add_dataclass_flags(parser, cls, helps: dict, defaults: dict) -> None:
     for f in fields(cls):
         if f.name not in helps:  # GPTConfig.vocab_size comes from the data, not a flag
             continue
-        kind = {"int": int, "float": float, "str": str}.get(f.type)
+        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(f.type)
         default = defaults[f.name]
         shown = ("on" if default else "off") if f.type == "bool" else f"{default:g}" \
-            if f.type == "float" else default
+            if f.type == "float" else "auto" if default is None else default
         text = f"{helps[f.name]} (default: {shown})"
         if f.type == "bool":
             parser.add_argument(_flag(f.name), dest=f.name, default=None,
