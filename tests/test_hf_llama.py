@@ -156,6 +156,10 @@ def save_llama(bpe_files, out: Path, seed: int = 0, dtype=torch.float32, **chang
     m.to(dtype).save_pretrained(out)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tok_dir / name, out / name)
+    # which tokenizer class reads the files (a Llama's default is sentencepiece's)
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "bos_token": EOT,
+         "eos_token": EOT, "unk_token": EOT}))
     return m.to(torch.float64).eval()
 
 
@@ -185,7 +189,7 @@ def test_import_matches_transformers(shape, bpe_files, float64_llama, tmp_path):
     assert tok.encode(text[:500]) == AutoTokenizer.from_pretrained(tmp_path / "hf")(
         text[:500]).input_ids
     ids = tok.encode(text[:400])
-    for prompt in ([tok.bos], ids[:5], ids[10:42], [tok.bos] + ids[100:110]):
+    for prompt in ([tok.bos], ids[:5], ids[10:40], [tok.bos] + ids[100:110]):
         # the model as stored, float64 on both sides
         assert rel_err(pg_logits(ckpt, prompt), hf_logits(m, prompt)) < 1e-9, prompt
         n = 32 - len(prompt)
@@ -198,14 +202,14 @@ def test_import_matches_transformers(shape, bpe_files, float64_llama, tmp_path):
     assert rel_err(got32, pg_logits(ckpt, ids[:32])) < 1e-5
 
 
-def test_import_bf16_ignores_saved_rope_buffers_and_names_a_missing_tensor(bpe_files,
-                                                                            tmp_path):
+def test_import_bf16_ignores_saved_rope_buffers_and_names_a_missing_tensor(
+        bpe_files, float64_llama, tmp_path):
     m = save_llama(bpe_files, tmp_path / "hf", seed=3, dtype=torch.bfloat16, **SHAPES["mha"])
     ckpt = import_hf(tmp_path / "hf")  # BF16 values widen exactly to float64
     ids = ckpt.tokenizer.encode(bpe_files[2][:200])[:20]
     with torch.no_grad():
         want = m(torch.tensor([ids])).logits[0].tolist()  # float64 from the same bf16 values
-    assert rel_err(pg_logits(ckpt, ids), want) < 1e-5
+    assert rel_err(pg_logits(ckpt, ids), want) < 1e-9
 
     ts = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
     for l in range(2):  # transformers < 4.31 saved these
@@ -351,13 +355,13 @@ def test_exported_llama_loads_in_transformers_with_the_same_logits_and_ids(
     m.eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     if kind == "char":
-        texts = ["emma", "olivia", "ava\nmia"]
+        texts = ["emma", "olivia", "avamia"]
         prompts = [[bos], [bos] + tok.encode("e"), [bos] + tok.encode("ma")]
     else:
         text = bpe_llama[1]
         texts = [text[:400], text[1000:1300]]
         ids = tok.encode(text)
-        prompts = [ids[:1], ids[:8], ids[50:66], ids[300:332]]
+        prompts = [ids[:1], ids[:8], ids[50:66], ids[300:328]]
     for t in texts:
         assert hf_tok(t).input_ids == tok.encode(t), t
     assert hf_tok.bos_token_id == hf_tok.eos_token_id == bos
@@ -368,11 +372,14 @@ def test_exported_llama_loads_in_transformers_with_the_same_logits_and_ids(
     export_hf(ckpt, tmp_path / "f64", dtype="F64")
     m64 = LlamaForCausalLM.from_pretrained(tmp_path / "f64", dtype="auto").eval()
     assert m64.dtype == torch.float64
+    continued = 0
     for ids in prompts:
         assert rel_err(hf_logits(m64, ids), pg_logits(ckpt, ids)) < 1e-9
         n = ckpt.config.block_size - len(ids)
         want = pg_greedy(ckpt, ids, n)
-        assert hf_greedy(m64, ids, n, bos) == want and want, ids
+        assert hf_greedy(m64, ids, n, bos) == want, ids
+        continued += len(want)
+    assert continued > 0
 
 
 def perturbed_llama(config: GPTConfig, tokenizer, seed: int = 0) -> Checkpoint:
