@@ -91,12 +91,16 @@ def test_the_script_reads_puregpts_split(names, prose):
 
 
 @pytest.mark.parametrize("dtype,tol", [("F64", 1e-9), ("F32", 1e-5)])
-def test_the_loss_of_a_batch_equals_puregpts(dtype, tol, names, prose):
-    for tmp, data, res, ckpt, _ in (names, prose):
+def test_the_loss_of_a_batch_equals_puregpts(dtype, tol, names, prose, llama, request):
+    if dtype == "F64":  # (see the llama section below)
+        request.getfixturevalue("float64_llama")
+    for tmp, data, res, ckpt, _ in (names, prose, llama):
         hf = tmp / f"loss-{dtype}"
         if not hf.exists():
             export_hf(ckpt, hf, dtype)
         m = AutoModelForCausalLM.from_pretrained(hf, dtype="auto")
+        assert type(m).__name__ == ("LlamaForCausalLM" if tmp == llama[0] else
+                                    "GPT2LMHeadModel")
         assert m.dtype == (torch.float64 if dtype == "F64" else torch.float32)
         corpus = _corpus(hf)
         for step in (0, 3):
@@ -218,7 +222,8 @@ def test_characters_outside_the_vocabulary_are_named_with_their_line(names, tmp_
 # --- a llama-shaped model (LlamaForCausalLM) ---------------------------------------------------
 # transformers' Llama computes its RMSNorm and RoPE in float32 even in a float64 model: the
 # float64 comparisons run with the float64_llama fixture (those two forwards at the model's
-# precision, see tests/test_hf_llama.py), the float32 ones with transformers as it is.
+# precision, see tests/test_hf_llama.py), the float32 ones with transformers as it is. Its
+# batch losses are checked with the GPT-2's above.
 
 
 @pytest.fixture(scope="module")
@@ -227,25 +232,6 @@ def llama(tmp_path_factory):
     data = tmp / "names.txt"
     data.write_text("\n".join(BUNDLED_NAMES.read_text().split()[:300]) + "\n")
     return (tmp, data, *_export(tmp, data, "docs", shape=TINY_LLAMA, weight_decay=0.1))
-
-
-@pytest.mark.parametrize("dtype,tol", [("F64", 1e-9), ("F32", 1e-5)])
-def test_a_llama_batch_loss_equals_puregpts(dtype, tol, llama, request):
-    if dtype == "F64":
-        request.getfixturevalue("float64_llama")
-    tmp, _, _, ckpt, _ = llama
-    hf = tmp / f"loss-{dtype}"
-    if not hf.exists():
-        export_hf(ckpt, hf, dtype)
-    m = AutoModelForCausalLM.from_pretrained(hf, dtype="auto")
-    assert type(m).__name__ == "LlamaForCausalLM" and m.config.num_key_value_heads == 2
-    assert m.dtype == (torch.float64 if dtype == "F64" else torch.float32)
-    corpus = _corpus(hf)
-    for step in (0, 3):
-        pairs = script.global_batch(corpus, step, 8, TINY_LLAMA["block_size"], seed=1)
-        want, _ = model.evaluate_loss(ckpt.params, ckpt.config, [x for x, _ in pairs],
-                                      [y for _, y in pairs])
-        assert abs(script.batch_loss(m, pairs) - want) < tol, (dtype, step)
 
 
 def test_a_llamas_exported_optimizer_continues_puregpts_adamw(llama, float64_llama, tmp_path):

@@ -17,9 +17,10 @@ missing)."""
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,14 +30,12 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
-from helpers_train import names_file, run_cli, stream_text
-from puregpt import model
+from helpers_train import REPO, cli_env, names_file, run_cli, stream_text
 from puregpt.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from puregpt.config import ConfigError, GPTConfig, TrainConfig, preset
+from puregpt.config import ConfigError, GPTConfig, preset
 from puregpt.hf import export_hf, import_hf, llama_incompatibilities
-from puregpt.train import train
-from test_hf import (EOT, f32, hf_greedy, hf_logits, pg_greedy, pg_logits, rel_err,
-                     safetensors_header)
+from test_hf import (EOT, _train_gpt2, f32, hf_greedy, hf_logits, perturbed_puregpt,
+                     pg_greedy, pg_logits, rel_err, safetensors_header)
 
 pytestmark = pytest.mark.oracle
 
@@ -211,22 +210,21 @@ def test_import_bf16_ignores_saved_rope_buffers_and_names_a_missing_tensor(
         want = m(torch.tensor([ids])).logits[0].tolist()  # float64 from the same bf16 values
     assert rel_err(pg_logits(ckpt, ids), want) < 1e-9
 
-    ts = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
+    weights = tmp_path / "hf" / "model.safetensors"
+    ts = safetensors.torch.load_file(weights)
     for l in range(2):  # transformers < 4.31 saved these
         ts[f"model.layers.{l}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-    safetensors.torch.save_file(ts, tmp_path / "hf" / "model.safetensors",
-                                metadata={"format": "pt"})
+    save = lambda: safetensors.torch.save_file(ts, weights, metadata={"format": "pt"})  # noqa
+    save()
     assert import_hf(tmp_path / "hf").params == ckpt.params
     del ts["model.layers.1.mlp.gate_proj.weight"]
     ts["score.weight"] = torch.zeros(2, 32)
-    safetensors.torch.save_file(ts, tmp_path / "hf" / "model.safetensors",
-                                metadata={"format": "pt"})
+    save()
     with pytest.raises(CheckpointError, match=r"missing tensors: "
                                               r"model\.layers\.1\.mlp\.gate_proj\.weight$"):
         import_hf(tmp_path / "hf")
     ts["model.layers.1.mlp.gate_proj.weight"] = torch.zeros(96, 32)
-    safetensors.torch.save_file(ts, tmp_path / "hf" / "model.safetensors",
-                                metadata={"format": "pt"})
+    save()
     with pytest.raises(CheckpointError, match=r"unexpected tensors \(not part of a "
                                               r"LlamaForCausalLM\): score\.weight"):
         import_hf(tmp_path / "hf")
@@ -310,12 +308,7 @@ def test_import_lists_every_llama_problem_at_once(llama_dir, tmp_path):
 
 
 def _train_llama(data: Path, **train_options) -> Checkpoint:
-    tc = TrainConfig(steps=6, batch_size=4, lr=0.01, schedule="constant", workers=1,
-                     eval_every=0, val_fraction=0.0, **train_options)
-    res = train(GPTConfig(**LLAMA_MODEL), tc, str(data), None, quiet=True)
-    assert res.losses[-1] < res.losses[0]
-    return Checkpoint(res.config, res.tokenizer, res.params, res.step,
-                      trainer={"mode": res.corpus.mode})
+    return _train_gpt2(data.parent, data, shape=LLAMA_MODEL, **train_options)
 
 
 @pytest.fixture(scope="module")
@@ -382,16 +375,6 @@ def test_exported_llama_loads_in_transformers_with_the_same_logits_and_ids(
     assert continued > 0
 
 
-def perturbed_llama(config: GPTConfig, tokenizer, seed: int = 0) -> Checkpoint:
-    """A puregpt llama with random weights, gains around 1 and biases around 0."""
-    rng = random.Random(seed)
-    params = model.init_params(config, rng)
-    for name, t in params.items():
-        if not isinstance(t[0], list):
-            params[name] = [(1.0 if name.endswith("_g") else 0.0) + rng.gauss(0, 0.3) for _ in t]
-    return Checkpoint(config, tokenizer, params, trainer={"mode": "docs"})
-
-
 @pytest.mark.parametrize("changes", [
     dict(tie_embeddings=True, bias=True, n_kv_head=1, rope_theta=500.0, norm_eps=1e-3,
          mlp_hidden=40),
@@ -403,7 +386,7 @@ def test_export_f64_round_trips_exactly_and_matches_transformers(changes, char_l
     tok = char_llama.tokenizer
     config = GPTConfig(**{**LLAMA_MODEL, "vocab_size": tok.vocab_size, "block_size": 12,
                           **changes})
-    ckpt = perturbed_llama(config, tok)
+    ckpt = perturbed_puregpt(config, tok)
     export_hf(ckpt, tmp_path / "f64", dtype="F64")
     m, info = LlamaForCausalLM.from_pretrained(tmp_path / "f64", output_loading_info=True,
                                                dtype="auto")
@@ -446,7 +429,7 @@ def test_export_f64_round_trips_exactly_and_matches_transformers(changes, char_l
 def test_export_refuses_what_llama_cannot_express_by_name(char_llama, tmp_path):
     tok = char_llama.tokenizer
     base = {**LLAMA_MODEL, "vocab_size": tok.vocab_size}
-    qk = perturbed_llama(GPTConfig(**base, qk_norm=True), tok)
+    qk = perturbed_puregpt(GPTConfig(**base, qk_norm=True), tok)
     assert [p.split("=")[0] for p in llama_incompatibilities(qk.config)] == ["qk_norm"]
     with pytest.raises(ConfigError) as e:
         export_hf(qk, tmp_path / "out")
@@ -457,7 +440,7 @@ def test_export_refuses_what_llama_cannot_express_by_name(char_llama, tmp_path):
         assert part in msg, (part, msg)
     assert not (tmp_path / "out").exists()
 
-    odd = perturbed_llama(GPTConfig(**{**base, "pos": "learned", "emb_norm": True}), tok)
+    odd = perturbed_puregpt(GPTConfig(**{**base, "pos": "learned", "emb_norm": True}), tok)
     with pytest.raises(ConfigError) as e:
         export_hf(odd, tmp_path / "out")
     msg = str(e.value).split("Nor as a GPT-2")[0]  # the Llama part: what Llama lacks
@@ -470,3 +453,25 @@ def test_export_refuses_what_llama_cannot_express_by_name(char_llama, tmp_path):
     proc = run_cli("export", tmp_path / "qk.safetensors", tmp_path / "out")
     assert proc.returncode == 2 and "qk_norm=True" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readmes_llama_commands_and_snippet_run(tmp_path, monkeypatch, capsys):
+    """README's "A Llama": its commands (train shortened to a few steps) in a fresh directory,
+    then its Python snippet, whose printed logit difference is float32 rounding."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### A Llama", 1)[1]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip()
+    snippet = re.search(r"```py\n(.*?)```", section, re.S).group(1)
+    assert command == "puregpt train --preset llama && puregpt export run --format hf llama-hf"
+    for part in command.split(" && "):
+        argv = part.split()[1:]
+        if argv[0] == "train":
+            argv += ["--steps", "3", "--eval-every", "0", "--eval-tokens", "100", "--samples",
+                     "0", "--quiet"]
+        proc = subprocess.run([sys.executable, "-m", "puregpt", *argv], cwd=tmp_path,
+                              env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(snippet, "README.md llama snippet", "exec"), {"__name__": "readme"})
+    assert 0 <= float(capsys.readouterr().out.strip()) < 1e-5
