@@ -542,8 +542,8 @@ def _slots(config, layers, sent):
             slots[name] = (offset, size)
             offset += size
             continue
-        out_dim, in_dim = shapes[model.layer_tensors(name)[0]]
-        out_dim *= len(model.layer_tensors(name))  # Q, K and V stacked
+        in_dim = shapes[model.layer_tensors(name)[0]][1]
+        out_dim = sum(shapes[w][0] for w in model.layer_tensors(name))  # Q, K and V stacked
         slots[name] = (offset, out_dim, offset + T * out_dim, in_dim)
         offset += T * (out_dim + in_dim)
     return slots, offset
