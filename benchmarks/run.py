@@ -9,6 +9,7 @@
     python benchmarks/run.py memory            # peak RSS of training, fresh processes
     python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
     python benchmarks/run.py explain           # seconds per x-ray page (puregpt explain), < 1 s
+    python benchmarks/run.py compare           # a 4-run grid: --jobs 2 vs one after another
     python benchmarks/run.py all --quick       # tiny sizes, for CI (asserts the checks, not speed)
 
 Every benchmark compares within ONE run (ratios), alternating the contenders and keeping each
@@ -29,8 +30,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # when loaded by path rather than run as a script
     sys.path.insert(0, str(BENCH_DIR))
 
-import bench_gpt2  # noqa: E402
 import bench_explain  # noqa: E402
+import bench_compare  # noqa: E402
+import bench_gpt2  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_notebook  # noqa: E402
 import bench_race  # noqa: E402
@@ -47,8 +49,9 @@ BENCHMARKS = {
     "sample": bench_sample,
     "memory": bench_memory,
     "notebook": bench_notebook,
-    "gpt2": bench_gpt2,
     "explain": bench_explain,
+    "compare": bench_compare,
+    "gpt2": bench_gpt2,
 }
 
 

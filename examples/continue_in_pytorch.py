@@ -6,8 +6,9 @@ back.
         --steps 200 --batch-size 16
     puregpt import-hf OUT/hf back.safetensors                     # pure Python again
 
-HF_DIR is a directory written by `puregpt export` (a GPT2LMHeadModel today; a LlamaForCausalLM
-loads the same way, through AutoModelForCausalLM). The script reads the same text with the same
+HF_DIR is a directory written by `puregpt export`: a GPT2LMHeadModel, or a LlamaForCausalLM for
+a llama-shaped model (--preset llama); AutoModelForCausalLM loads either, and the optimizer state
+is named after the model's own tensors. The script reads the same text with the same
 tokenizer and the same train/validation split as puregpt: it calls puregpt's own data.load_corpus
 with the data recipe the export recorded (puregpt_data.json: the data file and its SHA-256, the
 mode, the seeds, val_fraction, long_docs), so there is one definition of the split, not two that

@@ -397,7 +397,7 @@ def cmd_serve(args) -> int:
 
 def cmd_import_hf(args) -> int:
     from .checkpoint import save_checkpoint
-    from .hf import import_hf
+    from .hf import architecture, import_hf
     from .model import num_params
     if os.path.exists(args.out_ckpt) and not args.force:
         raise CheckpointError(f"{args.out_ckpt} already exists: choose another OUT_CKPT (or "
@@ -407,7 +407,8 @@ def cmd_import_hf(args) -> int:
         os.makedirs(os.path.dirname(args.out_ckpt), exist_ok=True)
     save_checkpoint(args.out_ckpt, ckpt)
     cfg = ckpt.config
-    print(f"wrote {args.out_ckpt}: {num_params(ckpt.params):,} parameters, n_layer={cfg.n_layer}"
+    print(f"wrote {args.out_ckpt}: {num_params(ckpt.params):,} parameters "
+          f"({architecture(cfg)}), n_layer={cfg.n_layer}"
           f", n_embd={cfg.n_embd}, n_head={cfg.n_head}, block_size={cfg.block_size}, "
           f"{cfg.vocab_size} {ckpt.tokenizer.kind} tokens, {cfg.activation}, "
           f"{'tied' if cfg.tie_embeddings else 'untied'} lm_head, {ckpt.trainer['mode']} mode")
@@ -588,9 +589,11 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                          TrainConfig, TRAIN_HELP, train_defaults)
     cm.set_defaults(func=cmd_compare)
 
-    e = sub.add_parser("export", help="write a model as a Hugging Face GPT-2 directory",
+    e = sub.add_parser("export", help="write a model as a Hugging Face GPT-2 or Llama "
+                       "directory",
                        description="Write a GPT-2-shaped model (e.g. --preset gpt2) as a "
-                       "directory that transformers' GPT2LMHeadModel and AutoTokenizer load: "
+                       "directory that transformers' GPT2LMHeadModel and AutoTokenizer load, or "
+                       "a llama-shaped one (--preset llama) as a LlamaForCausalLM: "
                        "config.json, model.safetensors and the tokenizer files.")
     e.add_argument("-m", "--model", metavar="RUN", help="run directory or checkpoint file "
                    "(default: ./run; a directory means its best checkpoint)")
@@ -598,7 +601,8 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "default ./run), then the directory to create (or a previous export of the "
                    "same kind to replace)")
     e.add_argument("--format", default="hf", choices=["hf"], help="hf: Hugging Face "
-                   "transformers GPT-2 (the only format so far)")
+                   "transformers GPT-2 or Llama, as the model's shape says (the only format "
+                   "so far)")
     e.add_argument("--dtype", default="f32", choices=["f32", "f64"], type=str.lower,
                    help="precision of the weights in model.safetensors (default f32; f64 keeps "
                    "puregpt's weights bit for bit)")
@@ -607,9 +611,10 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "so examples/continue_in_pytorch.py continues with the same optimizer state")
     e.set_defaults(func=cmd_export)
 
-    ih = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 directory into a "
-                        "puregpt checkpoint",
-                        description="Read a GPT-2 directory (config.json, model.safetensors in "
+    ih = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 or Llama directory into "
+                        "a puregpt checkpoint",
+                        description="Read a GPT-2 or Llama directory (config.json, "
+                        "model.safetensors in "
                         "F32, F16, BF16 or F64, and vocab.json + merges.txt or tokenizer.json) "
                         "and write a checkpoint that sample, score and train --init-from use.")
     ih.add_argument("hf_dir", metavar="HF_DIR", help="the Hugging Face model directory")

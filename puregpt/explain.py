@@ -92,7 +92,7 @@ def explain(params: dict, config, tokenizer, text: str, train_config: TrainConfi
     checkpoint; None: fresh moments); step: the run's step, which sets the learning rate of the
     training step shown. The model is never changed."""
     inputs, targets, dropped = _sequence(tokenizer, text, config.block_size, docs_mode)
-    T, L, H = len(inputs), config.n_layer, config.n_head
+    T, L = len(inputs), config.n_layer
     trace = {}
     logits, cache = model.forward(params, config, [inputs], trace=trace)
     attention = [[[row[:i + 1] for i, row in enumerate(head)]  # the triangle: keys 0..i
@@ -131,7 +131,7 @@ def explain(params: dict, config, tokenizer, text: str, train_config: TrainConfi
         "truncated": {"total_tokens": dropped + T, "dropped": dropped} if dropped else None,
         "notes": notes,
         "tokens": tokens, "inputs": inputs, "targets": targets,
-        "loss": loss, "logprob": None if loss is None else -loss * n_targets,
+        "loss": loss, "logprob": None if loss is None else sum(logprobs[1:]),
         "attention": attention,
         "logits": logits, "top": top,
         "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -295,7 +295,8 @@ def _walk(params, config, inputs, cache, trace, logits, loss, dlogits, grads) ->
     emb, _ = ops.embedding_forward(inputs, list(range(T)), params["wte"],
                                    model.position_table(params, config))
     pair("token (+ position) embedding", "embedding", "forward", "backward",
-         [[T], [V, C]] + ([[config.block_size, C]] if config.pos != "none" else []), [T, C],
+         [[T], [V, C]] + ([[config.block_size, C]] if config.pos in ("learned", "sinusoidal")
+                          else []), [T, C],
          emb[-1], "wte")
     bwd[-1]["output"] = [V, C]  # the gradient lands in wte's rows
     if config.emb_norm:

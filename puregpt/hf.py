@@ -1,6 +1,7 @@
-"""Hugging Face GPT-2 interchange: export a puregpt model as a directory that
-`transformers.GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load, and
-import such a directory as a puregpt checkpoint. Pure Python (json, struct, array): neither
+"""Hugging Face interchange: export a puregpt model as a directory that
+`transformers.GPT2LMHeadModel.from_pretrained` (a GPT-2-shaped model) or
+`LlamaForCausalLM.from_pretrained` (a llama-shaped one) and `AutoTokenizer.from_pretrained` load,
+and import such a directory as a puregpt checkpoint. Pure Python (json, struct, array): neither
 direction needs torch, transformers or safetensors.
 
 The layout (puregpt stores a linear layer's weight [out][in], as torch's Linear; GPT-2's Conv1D
@@ -20,11 +21,38 @@ stores it (in, out), so every projection is transposed; Q, K and V are fused int
     final_norm_g, _b                    transformer.ln_f.weight, .bias
     lm_head (V, C), untied models only  lm_head.weight (V, C); tied: GPT-2 reuses wte
 
+A Llama-shaped model (--preset llama) is written as a LlamaForCausalLM instead; its linear
+layers are torch Linears, stored [out][in] as puregpt stores them, so every tensor is a copy:
+
+    puregpt                             Llama (model.safetensors)
+    wte (V, C)                          model.embed_tokens.weight (V, C)
+    layer{l}.attn_norm_g (C,)           model.layers.{l}.input_layernorm.weight
+    layer{l}.attn_wq (C, C), _b         model.layers.{l}.self_attn.q_proj.weight, .bias
+    layer{l}.attn_wk, _wv (KV, C), _b   model.layers.{l}.self_attn.k_proj, v_proj
+                                            (KV = kv_heads * hd)
+    layer{l}.attn_wo (C, C), _b         model.layers.{l}.self_attn.o_proj
+    layer{l}.mlp_norm_g (C,)            model.layers.{l}.post_attention_layernorm.weight
+    layer{l}.mlp_gate (H, C), _b        model.layers.{l}.mlp.gate_proj (silu(gate x) * up x)
+    layer{l}.mlp_fc1 (H, C), _b         model.layers.{l}.mlp.up_proj
+    layer{l}.mlp_fc2 (C, H), _b         model.layers.{l}.mlp.down_proj
+    final_norm_g (C,)                   model.norm.weight
+    lm_head (V, C), untied models only  lm_head.weight; tied (tie_word_embeddings): embed_tokens
+
+Nothing is permuted: puregpt's RoPE turns channel i of a head with channel i + hd/2 (the
+"rotate_half" convention of transformers' Llama), heads are consecutive hd-wide slices of q_proj's
+output, and query head h reads K/V head h // (n_head / kv_heads), as transformers' repeat_kv.
+
 What GPT-2 can express: the GPT-2 block (learned positions, pre-LayerNorm with gain and bias,
 biases, a final LayerNorm) with any of puregpt's activations (config.json's activation_function
 "gelu_new" for gelu_tanh, "gelu" for the exact GELU, "relu") and a tied or untied lm_head
 (tie_word_embeddings). Everything else is refused rather than faked with constant weights (zero
 biases, unit gains, a frozen sinusoid table), so an export imports back to the same config.
+
+What Llama can express: RoPE (any rope_theta, no rope_scaling), RMSNorm with a gain before
+each sub-block and at the end (rms_norm_eps = norm_eps), no embedding norm, the SwiGLU MLP of any
+width (intermediate_size), grouped-query attention (num_key_value_heads), biases in both the
+attention and the MLP or in neither (attention_bias, mlp_bias), a tied or untied head. QK-norm is
+not part of Llama: a model with it is refused.
 
 Tokenizers: a byte-level BPE vocabulary is written as GPT-2's vocab.json + merges.txt (and the
 equivalent tokenizer.json); a character vocabulary as a tokenizer.json for the `tokenizers`
@@ -36,6 +64,7 @@ it as ordinary text.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -61,8 +90,10 @@ ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                       "relu": "relu"}
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_JSON_FILE = 64 * 1024 * 1024  # config.json, tokenizer.json...: Llama 3's tokenizer.json is 9 MB
-# buffers some GPT-2 checkpoints carry (the causal mask and its fill value): not weights
-_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# buffers some checkpoints carry, not weights: GPT-2's causal mask and its fill value, the RoPE
+# frequencies older transformers saved with a Llama
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)"
+                     r"|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 # puregpt field -> (value GPT-2 needs, why, the flag that sets it)
 _GPT2_SHAPE = {
@@ -81,29 +112,93 @@ _GPT2_SHAPE = {
 }
 _GPT2_ACTIVATION_FLAG = "--activation gelu_tanh"
 
+# the same for a Llama (LlamaForCausalLM); its free choices (rope_theta, mlp_hidden, n_kv_head,
+# bias, tie_embeddings, norm_eps) are config.json keys
+_LLAMA_SHAPE = {
+    "pos": ("rope", "Llama rotates q and k (RoPE)", "--pos rope"),
+    "norm": ("rmsnorm", "Llama normalizes with RMSNorm", "--norm rmsnorm"),
+    "norm_affine": (True, "Llama's RMSNorms have a gain", "--norm-affine"),
+    "norm_position": ("pre", "Llama normalizes before each sub-block (x + f(norm(x)))",
+                      "--norm-position pre"),
+    "emb_norm": (False, "Llama has no norm after the embeddings", "--no-emb-norm"),
+    "final_norm": (True, "Llama ends with an RMSNorm (model.norm)", "--final-norm"),
+    "mlp": ("swiglu", "Llama's MLP is down(silu(gate x) * up x)", "--mlp swiglu"),
+    "activation": ("silu", "Llama's MLP gates with SiLU", "--activation silu"),
+    "qk_norm": (False, "Llama has no norm on q and k (QK-norm; Qwen3 and OLMo 2 have one, "
+                       "puregpt exports only Llama)", "--no-qk-norm"),
+}
+
 
 # --- the layout --------------------------------------------------------------------------------
+
+
+def _incompatibilities(config: GPTConfig, shape: dict) -> list[str]:
+    out = []
+    for name, (want, why, flag) in shape.items():
+        have = getattr(config, name)
+        if have != want:
+            out.append(f"{name}={have!r}: {why} (use {flag})")
+    return out
 
 
 def gpt2_incompatibilities(config: GPTConfig) -> list[str]:
     """What keeps `config` from being a GPT-2 (one line per option, with the flag that fixes
     it); empty when the model can be exported."""
-    out = []
-    for name, (want, why, flag) in _GPT2_SHAPE.items():
-        have = getattr(config, name)
-        if have != want:
-            out.append(f"{name}={have!r}: {why} (use {flag})")
+    out = _incompatibilities(config, _GPT2_SHAPE)
     if config.activation not in ACTIVATION_TO_HF:
         out.append(f"activation={config.activation!r}: puregpt exports GPT-2 with "
                    f"{', '.join(ACTIVATION_TO_HF)} (use {_GPT2_ACTIVATION_FLAG})")
     return out
 
 
+def llama_incompatibilities(config: GPTConfig) -> list[str]:
+    """What keeps `config` from being a LlamaForCausalLM, as gpt2_incompatibilities."""
+    return _incompatibilities(config, _LLAMA_SHAPE)
+
+
+def architecture(config: GPTConfig) -> str:
+    """"llama" for a model LlamaForCausalLM expresses, else "gpt2" (what _check_exportable
+    verifies: a GPT2LMHeadModel)."""
+    return "gpt2" if llama_incompatibilities(config) else "llama"
+
+
 def _layout(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
-    """Every GPT-2 tensor as (name without the "transformer." prefix, its shape, how it is made
-    from puregpt's tensors, those tensors' names). How: "copy" (same values, same shape), "T"
-    (a Conv1D weight: puregpt's [out][in] transposed), "qkv" (Wq, Wk, Wv transposed side by
-    side), "cat" (vectors one after the other)."""
+    """Every Hugging Face tensor as (name, its shape, how it is made from puregpt's tensors,
+    those tensors' names). How: "copy" (same values, same shape), "T" (a Conv1D weight:
+    puregpt's [out][in] transposed), "qkv" (Wq, Wk, Wv transposed side by side), "cat" (vectors
+    one after the other). GPT-2's names lack their "transformer." prefix (see _file_name)."""
+    return _llama_layout(config) if architecture(config) == "llama" else _gpt2_layout(config)
+
+
+def _llama_layout(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
+    """A LlamaForCausalLM's tensors, in the order of its named_parameters: all copies."""
+    V, C, H = config.vocab_size, config.n_embd, config.hidden
+    KV = config.kv_heads * config.head_dim  # K's and V's width
+    out = [("model.embed_tokens.weight", (V, C), "copy", ("wte",))]
+
+    def linear(name, shape, weight):
+        out.append((name + ".weight", shape, "copy", (weight,)))
+        if config.bias:
+            out.append((name + ".bias", shape[:1], "copy", (weight + "_b",)))
+
+    for l in range(config.n_layer):
+        h, p = f"model.layers.{l}.", f"layer{l}."
+        for proj, weight, rows in (("q", "attn_wq", C), ("k", "attn_wk", KV), ("v", "attn_wv", KV),
+                                   ("o", "attn_wo", C)):
+            linear(f"{h}self_attn.{proj}_proj", (rows, C), p + weight)
+        linear(h + "mlp.gate_proj", (H, C), p + "mlp_gate")
+        linear(h + "mlp.up_proj", (H, C), p + "mlp_fc1")
+        linear(h + "mlp.down_proj", (C, H), p + "mlp_fc2")
+        out += [(h + "input_layernorm.weight", (C,), "copy", (p + "attn_norm_g",)),
+                (h + "post_attention_layernorm.weight", (C,), "copy", (p + "mlp_norm_g",))]
+    out.append(("model.norm.weight", (C,), "copy", ("final_norm_g",)))
+    if not config.tie_embeddings:
+        out.append(("lm_head.weight", (V, C), "copy", ("lm_head",)))
+    return out
+
+
+def _gpt2_layout(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
+    """GPT2LMHeadModel's tensors (see _layout)."""
     V, C, T = config.vocab_size, config.n_embd, config.block_size
     out = [("wte.weight", (V, C), "copy", ("wte",)), ("wpe.weight", (T, C), "copy", ("wpe",))]
     for l in range(config.n_layer):
@@ -132,8 +227,9 @@ def _layout(config: GPTConfig) -> list[tuple[str, tuple[int, ...], str, tuple[st
 
 
 def _file_name(name: str) -> str:
-    """The name a tensor has in files transformers writes: all but lm_head under transformer."""
-    return name if name.startswith("lm_head.") else "transformer." + name
+    """The name a tensor has in files transformers writes: GPT-2's all but lm_head under
+    transformer. (Llama's names are the file's already.)"""
+    return name if name.startswith(("lm_head.", "model.")) else "transformer." + name
 
 
 def _to_hf(how: str, tensors: list) -> list[float]:
@@ -174,15 +270,23 @@ def _from_hf(how: str, values: list[float], shape: tuple[int, ...], names: tuple
 def _check_exportable(ckpt: Checkpoint, dtype: str) -> None:
     """Everything that could make an export fail, checked before anything is written."""
     config = ckpt.config
-    problems = gpt2_incompatibilities(config)
-    if problems:
+    gpt2, llama = gpt2_incompatibilities(config), llama_incompatibilities(config)
+    if gpt2 and llama:
         flags = [flag for name, (want, _, flag) in _GPT2_SHAPE.items()
                  if getattr(config, name) != want]
         flags += [_GPT2_ACTIVATION_FLAG] if config.activation not in ACTIVATION_TO_HF else []
-        raise ConfigError(
-            "cannot export to Hugging Face GPT-2: this model has option(s) GPT-2 cannot "
-            "express:\n  " + "\n  ".join(problems) + "\nTrain a compatible model with "
-            f"--preset gpt2, or with the flags: {' '.join(flags)}")
+        as_gpt2 = ("GPT-2 cannot express:\n  " + "\n  ".join(gpt2) + "\nTrain a compatible "
+                   f"model with --preset gpt2, or with the flags: {' '.join(flags)}")
+        if config.pos != "rope" and config.mlp != "swiglu":  # a GPT-2-era model
+            raise ConfigError("cannot export to Hugging Face GPT-2: this model has option(s) "
+                              + as_gpt2 + " (a --preset llama model exports as a Llama)")
+        flags = [flag for name, (want, _, flag) in _LLAMA_SHAPE.items()
+                 if getattr(config, name) != want]
+        raise ConfigError(  # a modern block: Llama first
+            "cannot export to Hugging Face Llama: this model has option(s) LlamaForCausalLM "
+            "cannot express:\n  " + "\n  ".join(llama) + "\nTrain a compatible model with "
+            f"--preset llama, or with the flags: {' '.join(flags)}\nNor as a GPT-2: option(s) "
+            + as_gpt2)
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     if ckpt.tokenizer.kind not in ("char", "bpe"):
@@ -239,6 +343,8 @@ def _json_bytes(obj) -> bytes:
 
 
 def _hf_config(ckpt: Checkpoint, dtype: str) -> dict:
+    if architecture(ckpt.config) == "llama":
+        return _llama_hf_config(ckpt, dtype)
     c, bos = ckpt.config, ckpt.tokenizer.bos
     return {
         "activation_function": ACTIVATION_TO_HF[c.activation],
@@ -267,6 +373,50 @@ def _hf_config(ckpt: Checkpoint, dtype: str) -> dict:
         "vocab_size": c.vocab_size,
         # read back by import_hf: how puregpt sample/score treat text (documents or a stream)
         "puregpt": {"mode": ckpt.trainer.get("mode", "docs"), "step": ckpt.step},
+    }
+
+
+def _llama_arch(c: GPTConfig) -> dict:
+    """The config.json keys that shape a LlamaForCausalLM, from a llama-shaped puregpt config
+    (import compares them to recognize the puregpt config an export recorded)."""
+    return {
+        "attention_bias": c.bias,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": c.n_embd,
+        "intermediate_size": c.hidden,
+        "max_position_embeddings": c.block_size,
+        "mlp_bias": c.bias,
+        "num_attention_heads": c.n_head,
+        "num_hidden_layers": c.n_layer,
+        "num_key_value_heads": c.kv_heads,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": c.tie_embeddings,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def _llama_hf_config(ckpt: Checkpoint, dtype: str) -> dict:
+    """LlamaForCausalLM's config.json: rope_theta both where transformers 4 reads it and in
+    transformers 5's rope_parameters; puregpt's own config rides along for an exact import."""
+    c, bos, torch_dtype = ckpt.config, ckpt.tokenizer.bos, EXPORT_DTYPES[dtype][1]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **_llama_arch(c),
+        "attention_dropout": 0.0,
+        "bos_token_id": bos,
+        "eos_token_id": bos,
+        "dtype": torch_dtype,
+        "torch_dtype": torch_dtype,  # the key transformers 4 reads
+        "initializer_range": c.init_std,
+        "pretraining_tp": 1,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "use_cache": True,
+        "puregpt": {"mode": ckpt.trainer.get("mode", "docs"), "step": ckpt.step,
+                    "config": c.to_dict()},
     }
 
 
@@ -388,7 +538,7 @@ def check_optimizer(ckpt: Checkpoint) -> None:
 
 def export_optimizer(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
     """Write the checkpoint's AdamW moments as optimizer.safetensors beside an export: for each
-    GPT-2 tensor NAME (as in model.safetensors, same layout and transposes), exp_avg.NAME (m)
+    tensor NAME (as in model.safetensors, same layout and transposes), exp_avg.NAME (m)
     and exp_avg_sq.NAME (v), the names torch.optim.AdamW's state uses; the metadata holds the
     step count (Adam's bias correction continues from it) and beta1, beta2, eps, weight_decay."""
     check_optimizer(ckpt)
@@ -426,14 +576,15 @@ def export_optimizer(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
 
 
 def export_hf(ckpt: Checkpoint, out_dir, dtype: str = "F32") -> None:
-    """Write ckpt as a Hugging Face GPT-2 directory: config.json, generation_config.json,
-    model.safetensors (dtype "F32" or "F64") and the tokenizer files (see the module docstring).
+    """Write ckpt as a Hugging Face directory (GPT2LMHeadModel, or LlamaForCausalLM for a
+    llama-shaped model): config.json, generation_config.json, model.safetensors (dtype "F32" or
+    "F64") and the tokenizer files (see the module docstring).
 
-    Everything is checked first: a model GPT-2 cannot express raises ConfigError listing every
-    incompatible option, and so does an out_dir holding files this export would not replace
-    (stale files of another export would confuse loaders). A new out_dir is built beside its
-    final place and renamed into it, so it appears complete or not at all; in an existing one
-    each file is replaced atomically.
+    Everything is checked first: a model neither can express raises ConfigError listing every
+    option the nearer of the two lacks, and so does an out_dir holding files this export
+    would not replace (stale files of another export would confuse loaders). A new out_dir is
+    built beside its final place and renamed into it, so it appears complete or not at all; in
+    an existing one each file is replaced atomically.
     """
     dtype = dtype.upper()
     _check_exportable(ckpt, dtype)
@@ -487,38 +638,88 @@ def _is_int(x) -> bool:
 
 # config.json's size keys -> the GPTConfig fields they become, whose limits they obey
 _HF_FIELDS = {"vocab_size": "vocab_size", "n_positions": "block_size", "n_layer": "n_layer",
-              "n_embd": "n_embd"}
+              "n_embd": "n_embd", "max_position_embeddings": "block_size",
+              "num_hidden_layers": "n_layer", "hidden_size": "n_embd"}
+IMPORTABLE = ("gpt2", "llama")  # config.json's model_type values import_hf reads
 
 
-def _gpt_config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
-    """puregpt's config of the GPT-2 that config.json describes; every problem found is listed
-    in one CheckpointError. Also returns config.json's "puregpt" section (or {})."""
-    problems = []
-    if d.get("model_type") != "gpt2":
-        problems.append(f"model_type is {brief(d.get('model_type'))}; only 'gpt2' can be "
-                        f"imported")
-    if "n_positions" not in d and "n_ctx" in d:
-        d = {**d, "n_positions": d["n_ctx"]}
-    required = ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head")
+def _check_sizes(d: dict, required: tuple[str, ...], problems: list) -> None:
+    """Each required key present, a positive integer, within puregpt's limits (checked before
+    anything is built from it)."""
     missing = [k for k in required if k not in d]
     if missing:
         problems.append(f"missing key(s): {', '.join(missing)}")
     for k in required:
         if k in d and not (_is_int(d[k]) and d[k] >= 1):
             problems.append(f"{k} must be a positive integer, got {brief(d[k])}")
-        elif k in _HF_FIELDS and d.get(k, 0) > MODEL_LIMITS[_HF_FIELDS[k]]:  # before any use
+        elif k in _HF_FIELDS and d.get(k, 0) > MODEL_LIMITS[_HF_FIELDS[k]]:
             problems.append(f"{k}={brief(d[k])} is above puregpt's limit of "
                             f"{MODEL_LIMITS[_HF_FIELDS[k]]:,} (for its {_HF_FIELDS[k]})")
+
+
+def _number(d: dict, key: str, default: float, problems: list, positive: bool = True):
+    x = d.get(key, default)
+    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and (x > 0 or not positive)):
+        problems.append(f"{key} must be a {'positive ' if positive else ''}number, got "
+                        f"{brief(x)}")
+    return x
+
+
+def _boolean(d: dict, key: str, default: bool, problems: list):
+    x = d.get(key, default)
+    if not isinstance(x, bool):
+        problems.append(f"{key} must be true or false, got {brief(x)}")
+    return x
+
+
+def _init_std(d: dict) -> float:
+    """initializer_range, or 0.02 when unusable: only re-initialization would use it."""
+    std = d.get("initializer_range", 0.02)
+    if not (isinstance(std, (int, float)) and not isinstance(std, bool)
+            and 0 <= std <= MODEL_LIMITS["init_std"]):
+        std = 0.02
+    return float(std)
+
+
+def _refuse(path: str, problems: list) -> None:
+    if problems:
+        raise CheckpointError(f"{path}: cannot import this config:\n  " + "\n  ".join(problems))
+
+
+def _build_config(path: str, **fields) -> GPTConfig:
+    try:
+        config = GPTConfig(**fields)
+        check_size(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot import this config: {e}") from None
+    return config
+
+
+def _config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
+    """puregpt's config of the model config.json describes (a GPT-2 or a Llama); every problem
+    found is listed in one CheckpointError. Also returns config.json's "puregpt" section."""
+    extra = d.get("puregpt")
+    extra = extra if isinstance(extra, dict) else {}
+    if d.get("model_type") == "llama":
+        return _llama_config_from_hf(d, path, extra), extra
+    return _gpt_config_from_hf(d, path), extra
+
+
+def _gpt_config_from_hf(d: dict, path: str) -> GPTConfig:
+    problems = []
+    if d.get("model_type") != "gpt2":
+        problems.append(f"model_type is {brief(d.get('model_type'))}; puregpt imports "
+                        f"{' and '.join(map(repr, IMPORTABLE))}")
+    if "n_positions" not in d and "n_ctx" in d:
+        d = {**d, "n_positions": d["n_ctx"]}
+    _check_sizes(d, ("vocab_size", "n_positions", "n_layer", "n_embd", "n_head"), problems)
     act = d.get("activation_function", "gelu_new")
     if not (isinstance(act, str) and act in ACTIVATION_FROM_HF):
         problems.append(f"activation_function {brief(act)} is not supported (supported: "
                         f"{', '.join(ACTIVATION_FROM_HF)})")
-    eps = d.get("layer_norm_epsilon", 1e-5)
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-        problems.append(f"layer_norm_epsilon must be a positive number, got {brief(eps)}")
-    tie = d.get("tie_word_embeddings", True)
-    if not isinstance(tie, bool):
-        problems.append(f"tie_word_embeddings must be true or false, got {brief(tie)}")
+    eps = _number(d, "layer_norm_epsilon", 1e-5, problems)
+    tie = _boolean(d, "tie_word_embeddings", True, problems)
     n_embd = d.get("n_embd")
     if d.get("n_inner") is not None and d.get("n_inner") != (4 * n_embd if _is_int(n_embd)
                                                              else None):
@@ -529,24 +730,101 @@ def _gpt_config_from_hf(d: dict, path: str) -> tuple[GPTConfig, dict]:
             problems.append(f"{key}={brief(d[key])} is not supported (puregpt needs {want!r})")
     if not problems and n_embd % d["n_head"]:
         problems.append(f"n_embd ({n_embd}) is not divisible by n_head ({d['n_head']})")
-    if problems:
-        raise CheckpointError(f"{path}: cannot import this config:\n  " + "\n  ".join(problems))
-    std = d.get("initializer_range", 0.02)
-    if not (isinstance(std, (int, float)) and not isinstance(std, bool)
-            and 0 <= std <= MODEL_LIMITS["init_std"]):  # only re-initialization would use it
-        std = 0.02
+    _refuse(path, problems)
+    return _build_config(
+        path, vocab_size=d["vocab_size"], block_size=d["n_positions"], n_layer=d["n_layer"],
+        n_embd=n_embd, n_head=d["n_head"], pos="learned", norm="layernorm", norm_affine=True,
+        norm_position="pre", emb_norm=False, final_norm=True,
+        activation=ACTIVATION_FROM_HF[act], bias=True, tie_embeddings=tie,
+        init_std=_init_std(d), scaled_init=True, norm_eps=float(eps))
+
+
+def _rope_theta(d: dict, problems: list) -> float:
+    """RoPE's base from config.json: transformers 5's rope_parameters, or transformers 4's
+    rope_theta; any RoPE scaling (linear, dynamic, YaRN, Llama 3's...) is refused by name."""
+    theta = _number(d, "rope_theta", 10000.0, problems)
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            problems.append(f"{key} must be an object, got {brief(rope)}")
+            continue
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            problems.append(f"{key} has rope_type {brief(kind)}: puregpt's RoPE has no scaling "
+                            f"(only rope_type 'default' can be imported)")
+        if "rope_theta" in rope:
+            given = _number(rope, "rope_theta", 10000.0, problems)
+            if "rope_theta" in d and given != theta:
+                problems.append(f"{key}.rope_theta ({brief(given)}) differs from rope_theta "
+                                f"({brief(theta)}): which one holds is unclear")
+            theta = given
+    for key in ("partial_rotary_factor",):
+        for where in (d, d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict)
+                      else {}):
+            if where.get(key, 1.0) != 1.0:
+                problems.append(f"{key}={brief(where[key])}: puregpt rotates every channel")
+    return theta
+
+
+def _llama_config_from_hf(d: dict, path: str, extra: dict) -> GPTConfig:
+    """puregpt's config of a LlamaForCausalLM. When config.json's puregpt section (written by
+    export_hf) holds a config that exports to the same Llama, that config is returned: it
+    also keeps what Llama does not record (init_std's scaling, n_kv_head or mlp_hidden left
+    automatic)."""
+    problems = []
+    _check_sizes(d, ("vocab_size", "max_position_embeddings", "num_hidden_layers", "hidden_size",
+                     "intermediate_size", "num_attention_heads"), problems)
+    C, heads = d.get("hidden_size"), d.get("num_attention_heads")
+    kv = d.get("num_key_value_heads") if d.get("num_key_value_heads") is not None else heads
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act {brief(act)} is not supported: puregpt's SwiGLU gates "
+                        f"with silu")
+    eps = _number(d, "rms_norm_eps", 1e-6, problems)
+    theta = _rope_theta(d, problems)
+    tie = _boolean(d, "tie_word_embeddings", False, problems)
+    bias = _boolean(d, "attention_bias", False, problems)
+    if _boolean(d, "mlp_bias", False, problems) != bias:
+        problems.append(f"attention_bias={brief(bias)} with mlp_bias={brief(d.get('mlp_bias'))}: "
+                        f"puregpt's --bias puts biases in both the attention and the MLP, or "
+                        f"in neither")
+    if d.get("pretraining_tp") not in (None, 1):
+        problems.append(f"pretraining_tp={brief(d['pretraining_tp'])} is not supported (its "
+                        f"sliced projections; puregpt needs 1)")
+    for key in ("sliding_window", "quantization_config"):
+        if d.get(key) is not None:
+            problems.append(f"{key}={brief(d[key])} is not supported (puregpt has no "
+                            f"{key.replace('_', ' ').replace('config', 'weights')})")
+    if not problems:
+        if C % heads:
+            problems.append(f"hidden_size ({C}) is not divisible by num_attention_heads "
+                            f"({heads})")
+        elif d.get("head_dim") not in (None, C // heads):
+            problems.append(f"head_dim={brief(d['head_dim'])} differs from hidden_size / "
+                            f"num_attention_heads = {C // heads}: puregpt's heads are "
+                            f"n_embd / n_head wide")
+        if not (_is_int(kv) and kv >= 1 and heads % kv == 0):
+            problems.append(f"num_key_value_heads={brief(kv)} must divide num_attention_heads "
+                            f"({heads})")
+    _refuse(path, problems)
+    config = _build_config(
+        path, vocab_size=d["vocab_size"], block_size=d["max_position_embeddings"],
+        n_layer=d["num_hidden_layers"], n_embd=C, n_head=heads,
+        n_kv_head=None if kv == heads else kv, pos="rope", rope_theta=float(theta),
+        norm="rmsnorm", norm_affine=True, norm_position="pre", emb_norm=False, final_norm=True,
+        mlp="swiglu", activation="silu", mlp_hidden=d["intermediate_size"], bias=bias,
+        tie_embeddings=tie, init_std=_init_std(d), scaled_init=False, norm_eps=float(eps))
+    auto = dataclasses.replace(config, mlp_hidden=None)
+    if auto.hidden == config.hidden:  # Llama's rule gives this width: keep it automatic
+        config = auto
     try:
-        config = GPTConfig(vocab_size=d["vocab_size"], block_size=d["n_positions"],
-                           n_layer=d["n_layer"], n_embd=n_embd, n_head=d["n_head"],
-                           pos="learned", norm="layernorm", norm_affine=True,
-                           norm_position="pre", emb_norm=False, final_norm=True,
-                           activation=ACTIVATION_FROM_HF[act], bias=True, tie_embeddings=tie,
-                           init_std=float(std), scaled_init=True, norm_eps=float(eps))
-        check_size(config)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: cannot import this config: {e}") from None
-    extra = d.get("puregpt")
-    return config, extra if isinstance(extra, dict) else {}
+        recorded = GPTConfig.from_dict(extra.get("config"))
+    except (ValueError, TypeError):  # absent, or not a config this puregpt reads
+        return config
+    same = not llama_incompatibilities(recorded) and _llama_arch(recorded) == _llama_arch(config)
+    return recorded if same else config
 
 
 def _token_text(value) -> str | None:
@@ -658,11 +936,18 @@ def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokeni
 
 
 def _read_weights(path: str, config: GPTConfig, rows: str = "list") -> dict:
-    """puregpt's parameters from a GPT-2 model.safetensors, one tensor at a time (seek + read),
-    each converted straight into puregpt's layout. rows="array": matrices keep array rows of
-    the file's precision (transposed by array slicing, no float object made: what makes
+    """puregpt's parameters from a GPT-2 or Llama model.safetensors, one tensor at a time (seek
+    + read), each converted straight into puregpt's layout. rows="array": matrices keep array
+    rows of the file's precision (transposed by array slicing, no float object made: what makes
     `puregpt import-hf` of a GPT-2 fast); vectors are lists either way."""
     read = read_tensor if rows == "list" else read_tensor_array
+    llama = architecture(config) == "llama"
+    model_name = "a LlamaForCausalLM" if llama else "a GPT-2 GPT2LMHeadModel"
+    keys = ((("hidden_size", config.n_embd), ("num_hidden_layers", config.n_layer),
+             ("intermediate_size", config.hidden), ("num_key_value_heads", config.kv_heads))
+            if llama else (("n_embd", config.n_embd), ("n_layer", config.n_layer),
+                           ("n_positions", config.block_size)))
+    described = ", ".join(f"{k}={v}" for k, v in keys + (("vocab_size", config.vocab_size),))
     f, size = _open_weights(path)
     with f:
         header, data_start = read_header(f, path, size)
@@ -686,8 +971,8 @@ def _read_weights(path: str, config: GPTConfig, rows: str = "list") -> dict:
             raise CheckpointError(f"{path}: {too_big}missing tensors: {brief_names(missing)}")
         unexpected = sorted(tensors[n][0] for n in set(tensors) - expected - optional)
         if unexpected:
-            raise CheckpointError(f"{path}: unexpected tensors (not part of a GPT-2 "
-                                  f"GPT2LMHeadModel): {brief_names(unexpected)}")
+            raise CheckpointError(f"{path}: unexpected tensors (not part of {model_name}): "
+                                  f"{brief_names(unexpected)}")
         shapes = [(n, s) for n, s, *_ in layout]
         if "lm_head.weight" in tensors and config.tie_embeddings:
             shapes.append(("lm_head.weight", (config.vocab_size, config.n_embd)))
@@ -695,8 +980,7 @@ def _read_weights(path: str, config: GPTConfig, rows: str = "list") -> dict:
                for n, s in shapes if tuple(tensors[n][1]["shape"]) != s]
         if bad:
             raise CheckpointError(f"{path}: {too_big}tensor shapes do not match config.json ("
-                                  f"n_embd={config.n_embd}, n_layer={config.n_layer}, n_positions="
-                                  f"{config.block_size}, vocab_size={config.vocab_size}):\n  "
+                                  f"{described}):\n  "
                                   + "\n  ".join(bad[:8]) + _more(bad, 8))
         if too_big:  # (the checks above name what is wrong first: this is the backstop)
             raise CheckpointError(f"{path}: {too_big.removesuffix(': ')}")
@@ -712,8 +996,8 @@ def _read_weights(path: str, config: GPTConfig, rows: str = "list") -> dict:
             C = config.n_embd
             if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
                 raise CheckpointError(
-                    f"{path}: {name} differs from {tensors['wte.weight'][0]} but config.json "
-                    f"ties them (tie_word_embeddings is true or absent); set "
+                    f"{path}: {name} differs from {tensors[layout[0][0]][0]} but config.json "
+                    f"ties them (tie_word_embeddings is true{'' if llama else ' or absent'}); set "
                     f"\"tie_word_embeddings\": false to import the separate head")
     shapes = param_shapes(config)
     assert set(params) == set(shapes), (sorted(params), sorted(shapes))
@@ -746,12 +1030,17 @@ def _more(items: list, shown: int) -> str:
 
 
 def import_hf(hf_dir, rows: str = "list") -> Checkpoint:
-    """Read a Hugging Face GPT-2 directory (config.json, model.safetensors in F64/F32/F16/BF16,
-    and vocab.json + merges.txt or a tokenizer.json: GPT-2's byte-level BPE, or a character
-    vocabulary written by export_hf) into a puregpt checkpoint of the gpt2 shape.
+    """Read a Hugging Face GPT-2 or Llama directory (config.json with model_type "gpt2" or
+    "llama", model.safetensors in F64/F32/F16/BF16, and vocab.json + merges.txt or a
+    tokenizer.json: GPT-2's byte-level BPE, or a character vocabulary written by export_hf) into
+    a puregpt checkpoint of the gpt2 or the llama shape. A Llama's rope_scaling, head_dim other
+    than hidden_size / num_attention_heads, pretraining_tp > 1, sliding windows, quantized
+    weights, an activation other than silu, and attention_bias without mlp_bias are refused by
+    name.
 
     Both tensor-name styles are read (transformer.h.0... and bare h.0...); the attention-mask
-    buffers (attn.bias, attn.masked_bias) are ignored. A tied model may carry lm_head.weight
+    buffers (attn.bias, attn.masked_bias) and Llama's saved RoPE frequencies
+    (rotary_emb.inv_freq) are ignored. A tied model may carry lm_head.weight
     only if it equals wte; tie_word_embeddings false gives an untied puregpt model
     (tie_embeddings=False). Every problem raises CheckpointError naming the file, key or tensor.
     The checkpoint's trainer metadata gives the mode `puregpt sample` and `score` use: "stream"
@@ -761,9 +1050,9 @@ def import_hf(hf_dir, rows: str = "list") -> Checkpoint:
     """
     hf_dir = os.fspath(hf_dir)
     if not os.path.isdir(hf_dir):
-        raise CheckpointError(f"{hf_dir}: no such directory (expected a Hugging Face GPT-2 "
-                              f"directory with config.json, model.safetensors and tokenizer "
-                              f"files)")
+        raise CheckpointError(f"{hf_dir}: no such directory (expected a Hugging Face GPT-2 or "
+                              f"Llama directory with config.json, model.safetensors and "
+                              f"tokenizer files)")
     config_path = os.path.join(hf_dir, "config.json")
     weights_path = os.path.join(hf_dir, "model.safetensors")
     missing = [n for n, p in (("config.json", config_path), ("model.safetensors", weights_path))
@@ -780,7 +1069,7 @@ def import_hf(hf_dir, rows: str = "list") -> Checkpoint:
                         "with save_pretrained(dir, safe_serialization=True))")
         raise CheckpointError(f"{hf_dir}: missing file(s): {', '.join(missing)}{hint}")
     hf_config = _read_json(config_path)
-    config, extra = _gpt_config_from_hf(hf_config, config_path)
+    config, extra = _config_from_hf(hf_config, config_path)
     tokenizer = _read_tokenizer(hf_dir, kind, hf_config)
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "

@@ -144,6 +144,13 @@ def test_gpt2(tmp_path):
     assert "gpt2 decode" in stdout
 
 
+def test_compare(tmp_path):
+    r, _ = run_bench("compare", tmp_path)
+    assert r["identical"] is True and r["runs"] == 4 and r["target"] == 0.6
+    assert positive(r["jobs1_seconds"], r["jobs2_seconds"])
+    assert r["ratio"] == r["jobs2_seconds"] / r["jobs1_seconds"]
+
+
 def test_memory(tmp_path):
     r, _ = run_bench("memory", tmp_path)
     assert positive(r["floor_mb"], r["tiny"]["peak_rss_mb"], r["large"]["peak_rss_mb"])

@@ -23,11 +23,14 @@ from puregpt.checkpoint import load_checkpoint
 from puregpt.config import GPTConfig, TrainConfig, preset
 from puregpt.hf import export_hf, export_optimizer, import_hf
 from puregpt.train import train
+from test_hf_llama import float64_llama  # noqa: F401 (a fixture: Llama norms, RoPE in float64)
 
 pytestmark = pytest.mark.oracle
 
 SCRIPT = REPO / "examples" / "continue_in_pytorch.py"
 TINY = {**preset("gpt2")["model"], "n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}
+TINY_LLAMA = {**preset("llama")["model"], "n_layer": 1, "n_embd": 16, "n_head": 4,
+              "n_kv_head": 2, "block_size": 16}  # grouped-query, untied, SwiGLU width 64
 
 
 def _load_script():
@@ -40,12 +43,13 @@ def _load_script():
 script = _load_script()
 
 
-def _export(tmp, data, mode, dtype="F64", **train_options):
-    """Train a tiny GPT-2-shaped model in puregpt (a run directory, so the checkpoint has its
-    recipe and Adam moments), export it; returns (puregpt's TrainResult, checkpoint, hf dir)."""
+def _export(tmp, data, mode, dtype="F64", shape=TINY, **train_options):
+    """Train a tiny GPT-2-shaped (or `shape`d) model in puregpt (a run directory, so the
+    checkpoint has its recipe and Adam moments), export it; returns (puregpt's TrainResult,
+    checkpoint, hf dir)."""
     tc = TrainConfig(steps=4, batch_size=4, lr=0.01, schedule="constant", workers=1,
                      eval_every=0, eval_tokens=200, mode=mode, **train_options)
-    res = train(GPTConfig(**TINY), tc, str(data), str(tmp / "run"), quiet=True)
+    res = train(GPTConfig(**shape), tc, str(data), str(tmp / "run"), quiet=True)
     ckpt = load_checkpoint(str(tmp / "run" / "last.safetensors"))
     hf = tmp / f"hf-{dtype}"
     export_hf(ckpt, hf, dtype)
@@ -87,12 +91,16 @@ def test_the_script_reads_puregpts_split(names, prose):
 
 
 @pytest.mark.parametrize("dtype,tol", [("F64", 1e-9), ("F32", 1e-5)])
-def test_the_loss_of_a_batch_equals_puregpts(dtype, tol, names, prose):
-    for tmp, data, res, ckpt, _ in (names, prose):
+def test_the_loss_of_a_batch_equals_puregpts(dtype, tol, names, prose, llama, request):
+    if dtype == "F64":  # (see the llama section below)
+        request.getfixturevalue("float64_llama")
+    for tmp, data, res, ckpt, _ in (names, prose, llama):
         hf = tmp / f"loss-{dtype}"
         if not hf.exists():
             export_hf(ckpt, hf, dtype)
         m = AutoModelForCausalLM.from_pretrained(hf, dtype="auto")
+        assert type(m).__name__ == ("LlamaForCausalLM" if tmp == llama[0] else
+                                    "GPT2LMHeadModel")
         assert m.dtype == (torch.float64 if dtype == "F64" else torch.float32)
         corpus = _corpus(hf)
         for step in (0, 3):
@@ -209,3 +217,66 @@ def test_characters_outside_the_vocabulary_are_named_with_their_line(names, tmp_
     err = capsys.readouterr().err
     assert "bad.txt, line 3, column 3: character 'ë' (U+00EB) is not in the model's " \
            "vocabulary" in err
+
+
+# --- a llama-shaped model (LlamaForCausalLM) ---------------------------------------------------
+# transformers' Llama computes its RMSNorm and RoPE in float32 even in a float64 model: the
+# float64 comparisons run with the float64_llama fixture (those two forwards at the model's
+# precision, see tests/test_hf_llama.py), the float32 ones with transformers as it is. Its
+# batch losses are checked with the GPT-2's above.
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama")
+    data = tmp / "names.txt"
+    data.write_text("\n".join(BUNDLED_NAMES.read_text().split()[:300]) + "\n")
+    return (tmp, data, *_export(tmp, data, "docs", shape=TINY_LLAMA, weight_decay=0.1))
+
+
+def test_a_llamas_exported_optimizer_continues_puregpts_adamw(llama, float64_llama, tmp_path):
+    """optimizer.safetensors under Llama's tensor names: one torch step from it equals
+    puregpt's next AdamW step (float64, weight decay on the matmul weights lm_head included)."""
+    _, _, _, ckpt, hf = llama
+    names = set(load_file(str(hf / "optimizer.safetensors")))
+    assert "exp_avg.model.layers.0.mlp.gate_proj.weight" in names
+    assert "exp_avg_sq.model.layers.0.self_attn.k_proj.weight" in names
+    _run(hf, tmp_path / "t", "--steps", "1", "--lr", "0.01", "--grad-clip", "0",
+         "--weight-decay", "0.1")
+    pairs = script.global_batch(_corpus(hf), 0, 6, TINY_LLAMA["block_size"], seed=0)
+    params = {k: [list(r) for r in v] if isinstance(v[0], list) else list(v)
+              for k, v in ckpt.params.items()}
+    state = {"step": ckpt.optimizer["step"],
+             "m": {k: list(v) for k, v in ckpt.optimizer["m"].items()},
+             "v": {k: list(v) for k, v in ckpt.optimizer["v"].items()}}
+    _, grads, _ = model.loss_and_grads(params, ckpt.config, [x for x, _ in pairs],
+                                       [y for _, y in pairs])
+    tc = ckpt.train_config
+    optim.adamw_step(params, grads, state, 0.01, tc.beta1, tc.beta2, tc.eps, 0.1)
+    back = import_hf(tmp_path / "t" / "hf")
+    assert back.config == ckpt.config  # the puregpt config rides along through save_pretrained
+    flat = (lambda t: [x for r in t for x in r] if isinstance(t[0], list) else t)
+    moved = max(abs(x - y) for k in params for x, y in zip(flat(params[k]),
+                                                           flat(ckpt.params[k])))
+    assert moved > 1e-4  # the step changed the weights
+    assert max(abs(x - y) for k in params
+               for x, y in zip(flat(back.params[k]), flat(params[k]))) < 1e-9
+
+
+def test_a_llama_run_resumes_exactly_and_comes_back_to_puregpt(llama, tmp_path):
+    _, _, _, _, hf = llama
+    _run(hf, tmp_path / "straight", "--steps", "4")
+    _run(hf, tmp_path / "resumed", "--steps", "2", "--save-every", "1")
+    _run(hf, tmp_path / "resumed", "--steps", "4", "--save-every", "1")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert "model.layers.0.mlp.up_proj.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = tmp_path / "straight" / "hf"
+    back = import_hf(out)  # pure Python again: PyTorch's logits (transformers as it is)
+    m = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    ids = back.tokenizer.encode("emma")
+    ids = [back.tokenizer.bos] + ids + [back.tokenizer.bos] + ids
+    with torch.no_grad():
+        want = m(input_ids=torch.tensor([ids])).logits[0].tolist()
+    got, _ = model.forward(back.params, back.config, [ids])
+    assert max(abs(g - w) for gr, wr in zip(got, want) for g, w in zip(gr, wr)) < 1e-5

@@ -113,6 +113,7 @@ def test_per_token_losses_sum_to_the_score(tmp_path):
         assert data["tokens"][0]["logprob"] is None and len(lps) == n
         assert abs(sum(lps) - logprob) < 1e-12
         assert abs(data["loss"] - (-logprob / n)) < 1e-12
+        assert abs(data["logprob"] - logprob) < 1e-12
         assert all(t["surprisal"] == -t["logprob"] for t in data["tokens"][1:])
         # docs mode: BOS-wrapped, as training reads it; stream mode: the text as a prompt
         assert data["inputs"] == (TOK.encode_doc("decaf")[:-1] if docs else TOK.encode("decaf"))
@@ -287,6 +288,10 @@ def test_the_api_json_and_page_hold_the_same_numbers(tmp_path):
     path, ckpt = _checkpoint(tmp_path)
     api = puregpt.explain(ckpt, "fade")
     assert api == explain_mod.explain_checkpoint(path, "fade")
+    run_dir = tmp_path / "run"  # a run directory means its best checkpoint
+    run_dir.mkdir()
+    (run_dir / "best.safetensors").write_bytes(path.read_bytes())
+    assert explain_mod.explain_checkpoint(run_dir, "fade") == api
     out, js = tmp_path / "page.html", tmp_path / "page.json"
     proc = run_cli("explain", path, "fade", "-o", out, "--json", js)
     assert proc.returncode == 0, proc.stderr

@@ -99,10 +99,10 @@ def f32(x: float) -> float:
 # --- puregpt models of the gpt2 shape, trained a few steps -------------------------------------
 
 
-def _train_gpt2(tmp: Path, data: Path, **train_options) -> Checkpoint:
+def _train_gpt2(tmp: Path, data: Path, shape: dict = GPT2_MODEL, **train_options) -> Checkpoint:
     tc = TrainConfig(steps=6, batch_size=4, lr=0.01, schedule="constant", workers=1,
                      eval_every=0, val_fraction=0.0, **train_options)
-    res = train(GPTConfig(**GPT2_MODEL), tc, str(data), None, quiet=True)
+    res = train(GPTConfig(**shape), tc, str(data), None, quiet=True)
     assert res.losses[-1] < res.losses[0]
     return Checkpoint(res.config, res.tokenizer, res.params, res.step,
                       trainer={"mode": res.corpus.mode})
@@ -519,8 +519,8 @@ MALFORMED = {
     "activation": (_config_edit("activation_function", "silu"),
                    r"activation_function 'silu' is not supported \(supported: gelu_new, "
                    r"gelu_pytorch_tanh, gelu, relu\)"),
-    "model type": (_config_edit("model_type", "llama"),
-                   r"model_type is 'llama'; only 'gpt2' can be imported"),
+    "model type": (_config_edit("model_type", "mistral"),
+                   r"model_type is 'mistral'; puregpt imports 'gpt2' and 'llama'"),
     "config key": (_config_edit("n_head", None), r"missing key\(s\): n_head"),
     "n_inner": (_config_edit("n_inner", 100), r"n_inner=100: puregpt's MLP is 4 \* n_embd wide"),
     "vocab": (_config_edit("vocab_size", 301),

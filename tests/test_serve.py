@@ -64,6 +64,17 @@ def stream_server(stream_run):
     stop(server, thread)
 
 
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bpe")
+    data = base / "text.txt"
+    data.write_text(stream_text(3000), encoding="utf-8")
+    proc = run_cli("train", "--data", data, "--mode", "stream", "--tokenizer", "bpe",
+                   "--vocab-size", 300, "--out", base / "run", *TINY_RUN, "--steps", 3, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return base / "run"
+
+
 def request(server, method, path, body=None, headers=None, timeout=60):
     """(status, headers, body bytes) of one request."""
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout)
@@ -91,9 +102,12 @@ def cli_sample(run, **s) -> str:
     for name, value in s.items():
         flags += [{"max_tokens": "--max-new-tokens"}.get(name, "--" + name.replace("_", "-")),
                   value]
-    proc = run_cli("sample", run, "-n", 1, *flags)
+    # (bytes, decoded here: text mode would turn a sampled "\r" into "\n")
+    proc = subprocess.run([sys.executable, "-m", "puregpt", "sample", str(run), "-n", "1",
+                           *map(str, flags)], cwd=REPO, env=cli_env(), capture_output=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout.decode("utf-8")
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -103,17 +117,28 @@ SETTINGS = [dict(seed=1), dict(seed=7, prompt="ma", temperature=1.0),
             dict(seed=5, temperature=2.0, top_p=0.5, max_tokens=30, prompt="e")]
 
 
-@pytest.mark.parametrize("mode", ["docs", "stream"])
+@pytest.mark.parametrize("mode", ["docs", "stream", "bpe"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
 def test_seeded_generation_is_puregpt_samples(mode, settings, finished_run, stream_run,
-                                              docs_server, stream_server):
-    run, server = (finished_run[0], docs_server) if mode == "docs" else (stream_run,
-                                                                          stream_server)
-    events = generate(server, **settings)
+                                              docs_server, stream_server, bpe_run):
+    if mode == "bpe":  # (byte-level BPE, stream mode)
+        server, thread = start(bpe_run)
+        try:
+            events = generate(server, **settings)
+        finally:
+            stop(server, thread)
+        run = bpe_run
+    else:
+        run, server = (finished_run[0], docs_server) if mode == "docs" else (stream_run,
+                                                                              stream_server)
+        events = generate(server, **settings)
     printed = cli_sample(run, **settings)
     prompt = settings.get("prompt", "")
     assert printed == events[-1]["text"] + "\n"
-    assert prompt + "".join(e["token"] for e in events[:-1]) == events[-1]["text"]
+    tok = load_checkpoint(resolve_checkpoint(str(run))).tokenizer
+    assert prompt + tok.decode([e["id"] for e in events[:-1]]) == events[-1]["text"]
+    if mode != "bpe":  # (a BPE token may hold part of a character: its text then shows U+FFFD)
+        assert prompt + "".join(e["token"] for e in events[:-1]) == events[-1]["text"]
     assert events[-1]["seed"] == settings["seed"]
     assert events[-1]["tokens"] == len(events) - 1
 
@@ -191,6 +216,7 @@ def test_twenty_concurrent_requests_all_finish_with_their_seeds_outputs(finished
 BAD_GENERATE = [
     (b"{not json", "malformed JSON"),
     (b"[1, 2]", "must be a JSON object, got list"),
+    (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
     (b"\xff\xfe", "not UTF-8"),
     ({"prompt": "a", "bogus": 1}, "unknown field(s): bogus"),
     ({"prompt": 3}, "prompt must be a string"),
@@ -362,6 +388,32 @@ def test_explain_gives_explains_numbers(finished_run, docs_server):
                      train_config=ckpt.train_config, docs_mode=True, optimizer=ckpt.optimizer,
                      step=ckpt.step)
     assert json.loads(data) == json.loads(json.dumps(direct))
+
+
+def test_explains_and_generations_side_by_side_do_not_touch_each_other(finished_run,
+                                                                       docs_server):
+    """The model is shared: explain's training step works on copies, so four explains of
+    different texts, running with generations, give each its own numbers."""
+    from puregpt.explain import explain_checkpoint
+    texts = ["emma", "ava", "olivia", "mia"]
+    want = {t: json.loads(json.dumps(explain_checkpoint(docs_server.path, t))) for t in texts}
+    got, errors = {}, []
+
+    def client(text):
+        try:
+            got[text] = json.loads(request(docs_server, "POST", "/api/explain",
+                                           {"text": text})[2])
+            generate(docs_server, seed=len(text), max_tokens=8)
+        except Exception as e:  # reported below
+            errors.append(f"{text}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert got == want
 
 
 def test_the_page_is_the_live_page(docs_server):
