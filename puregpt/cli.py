@@ -291,13 +291,55 @@ def cmd_info(args) -> int:
 
 def cmd_plot(args) -> int:
     from .fsutil import atomic_write
-    from .plot import read_metrics, render_loss_svg
-    metrics = os.path.join(args.run, "metrics.jsonl")
-    if not os.path.exists(metrics):
-        raise DataError(f"{args.run} has no metrics.jsonl (is it a run directory?)")
-    out = args.output or os.path.join(args.run, "loss.svg")
-    atomic_write(out, [render_loss_svg(read_metrics(metrics), log_scale=args.log_scale).encode()])
+    from .plot import read_metrics, render_loss_svg, render_runs_svg
+    if not 0.0 <= args.smooth < 1.0:
+        raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}")
+    for run in args.run:
+        if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+            raise DataError(f"{run} has no metrics.jsonl (is it a run directory?)")
+    metrics = [read_metrics(os.path.join(run, "metrics.jsonl")) for run in args.run]
+    if len(args.run) == 1:
+        out = args.output or os.path.join(args.run[0], "loss.svg")
+        svg = render_loss_svg(metrics[0], log_scale=args.log_scale, smooth=args.smooth)
+    else:  # several runs on one chart: one curve each, labelled by its directory
+        if not args.output:
+            raise ConfigError("plot of several runs: name the SVG file to write with -o FILE")
+        out = args.output
+        svg = render_runs_svg([(os.path.normpath(run), [rows])
+                               for run, rows in zip(args.run, metrics)],
+                              smooth=args.smooth, log_scale=args.log_scale)
+    atomic_write(out, [svg.encode()])
     print(out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import build_grid, compare, report_runs
+    if not 0.0 <= args.smooth < 1.0:
+        raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}")
+    if args.runs:  # compare RUN_A RUN_B ...: the report of existing runs
+        given = [name for name in ("data", "preset", "tokens") if getattr(args, name)]
+        given += list(_given(args, MODEL_HELP)) + list(_given(args, TRAIN_HELP))
+        if args.vary or given:
+            raise ConfigError("compare RUN...: reports on runs already trained; --vary and "
+                              "training flags (got " + ", ".join(
+                                  _flag(k) for k in (["vary"] if args.vary else []) + given)
+                              + ") belong to a new grid (without RUN arguments)")
+        numbers = report_runs(args.runs, args.out, args.baseline, args.smooth)
+    else:
+        if args.tokens is not None and args.steps is not None:
+            raise ConfigError("give --steps or --tokens, not both")
+        chosen = preset(args.preset or "default")
+        base_model = {**chosen["model"], **_given(args, MODEL_HELP)}
+        base_train = {**chosen["train"], **_given(args, TRAIN_HELP)}
+        grid = build_grid(base_model, base_train, args.vary or [], args.seeds, args.data,
+                          args.tokens, args.baseline)
+        numbers = compare(grid, args.out, args.jobs, args.smooth, args.quiet)
+    if not args.quiet:  # the ranking and the verdicts (the rest is in the report)
+        md = numbers["markdown"]
+        print(md[md.index("## Ranking"):md.index("## Loss curves")].rstrip())
+    print(f"report: {os.path.join(args.out, 'report.md')} and "
+          f"{os.path.join(args.out, 'report.html')}")
     return 0
 
 
@@ -324,6 +366,14 @@ def cmd_export(args) -> int:
     args.out_dir = out_dir
     print(f"exported {path} to {args.out_dir}: " + ", ".join(sorted(os.listdir(args.out_dir))))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    path, ckpt = _load(_model_arg(args))
+    return serve(ckpt, path, args.host, args.port)
 
 
 def cmd_import_hf(args) -> int:
@@ -435,11 +485,47 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     _add_model_args(i)
     i.set_defaults(func=cmd_info)
 
-    pl = sub.add_parser("plot", help="draw a run's loss curves as SVG")
-    pl.add_argument("run", help="run directory")
+    pl = sub.add_parser("plot", help="draw a run's loss curves as SVG (or several runs')")
+    pl.add_argument("run", nargs="+", metavar="RUN", help="run directory (several: one chart)")
     pl.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
-    pl.add_argument("-o", "--output", help="SVG file (default: DIR/loss.svg)")
+    pl.add_argument("--smooth", type=float, default=0.0, metavar="W", help="EMA smoothing of "
+                    "the train loss, weight W on the past in [0, 1) (default 0: raw)")
+    pl.add_argument("-o", "--output", help="SVG file (default for one run: DIR/loss.svg)")
     pl.set_defaults(func=cmd_plot)
+
+    cm = sub.add_parser(
+        "compare", help="train variants over several seeds side by side, and report what "
+        "each difference is worth",
+        description="Train every combination of the --vary values (over the settings of "
+        "--preset and the other flags), each with --seeds seeds, as run directories under "
+        "--out, --jobs at a time; then write OUT/report.md and OUT/report.html: a ranking, "
+        "each config against the baseline (Welch's t-test, 95% interval), the loss curves "
+        "and samples. The same command again resumes. With RUN arguments instead: the report "
+        "of runs already trained.")
+    cm.add_argument("runs", nargs="*", metavar="RUN", help="existing run directories to report "
+                    "on (runs differing only in seed are one config)")
+    cm.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="a setting and its "
+                    "values (repeatable: the grid is every combination), e.g. "
+                    "--vary norm-position=pre,post")
+    cm.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
+    cm.add_argument("--tokens", type=int, help="token budget per run instead of --steps (each "
+                    "config's steps: about this many training positions)")
+    cm.add_argument("--jobs", type=int, default=0, help="runs at once (default 0: one per "
+                    "core; each run uses one process)")
+    cm.add_argument("--baseline", metavar="FIELD=VALUE", help="the config the others are "
+                    "compared with (default: the first value of each --vary)")
+    cm.add_argument("--smooth", type=float, default=0.8, metavar="W", help="EMA smoothing of "
+                    "the curves in [0, 1) (default 0.8)")
+    cm.add_argument("--data", help="UTF-8 text file (default: the bundled US first names)")
+    cm.add_argument("--out", default="compare", help="directory of the runs and the report "
+                    "(default: ./compare)")
+    cm.add_argument("--preset", choices=list(PRESETS), help="named settings to start from")
+    cm.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_dataclass_flags(cm.add_argument_group(f"model (defaults: preset {active_preset!r})"),
+                         GPTConfig, MODEL_HELP, model_defaults)
+    _add_dataclass_flags(cm.add_argument_group(f"training (defaults: preset {active_preset!r})"),
+                         TrainConfig, TRAIN_HELP, train_defaults)
+    cm.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face GPT-2 directory",
                        description="Write a GPT-2-shaped model (e.g. --preset gpt2) as a "
@@ -469,6 +555,19 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     ih.add_argument("out_ckpt", metavar="OUT_CKPT", help="the puregpt checkpoint file to write")
     ih.add_argument("--force", action="store_true", help="replace OUT_CKPT if it exists")
     ih.set_defaults(func=cmd_import_hf)
+
+    sv = sub.add_parser("serve", help="the x-ray page, live: generate and look inside, in a "
+                        "browser", description="Serve the model's x-ray page live from a local "
+                        "HTTP server: type a prompt, watch the tokens stream in as they are "
+                        "sampled, then click any token to see its attention and alternatives. "
+                        "It listens on 127.0.0.1 (this machine only) unless --host says "
+                        "otherwise; Ctrl-C stops it.")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                    "127.0.0.1: this machine only; 0.0.0.0: every network interface)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free "
+                    "port, printed)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
