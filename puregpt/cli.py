@@ -1,4 +1,4 @@
-"""The `puregpt` command: train, sample, score, info, plot, export, import-hf (and
+"""The `puregpt` command: train, sample, score, info, explain, plot, export, import-hf (and
 `python -m puregpt`)."""
 
 from __future__ import annotations
@@ -112,13 +112,13 @@ def _given(args, helps: dict) -> dict:
     return {name: getattr(args, name) for name in helps if getattr(args, name, None) is not None}
 
 
-def _load(path: str):
+def _load(path: str, rows: str = "list"):
     if path == DEFAULT_RUN and not os.path.exists(path):
         raise CheckpointError("no model in ./run (the default): train one with `puregpt "
                               "train`, or name one: a run directory or checkpoint file as the "
                               "first word, or -m RUN")
     path = resolve_checkpoint(path)
-    return path, load_checkpoint(path)
+    return path, load_checkpoint(path, rows=rows)
 
 
 # --- naming the model: one convention for every command ----------------------------------------
@@ -211,11 +211,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from .model import num_params_of
     from .sample import check_shape, generate_text
     for flag, value in (("-n", args.num_samples), ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
-    path, ckpt = _load(_model_arg(args))
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: one per core), got {args.workers}")
+    path, ckpt = _load(_model_arg(args), rows="array")  # no float objects yet: a fast load
     docs = _is_docs(ckpt)
     rng = random.Random(args.seed)
     shape = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
@@ -226,15 +229,31 @@ def cmd_sample(args) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
-    for i in range(args.num_samples):
-        sys.stdout.write(args.prompt)
-        generate_text(ckpt.params, ckpt.config, ckpt.tokenizer, args.prompt, docs_mode=docs,
-                      max_new_tokens=args.max_new_tokens, stop=args.stop, rng=rng,
-                      on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                      **shape)
-        sys.stdout.write("\n" if docs else "\n\n" if i + 1 < args.num_samples else "\n")
-        sys.stdout.flush()
+    decoder = None
+    if args.workers != 1 or args.compact or num_params_of(ckpt.config) >= DECODER_FROM:
+        from .decode import Decoder
+        decoder = Decoder(ckpt.params, ckpt.config, "array" if args.compact else "tuple",
+                          args.workers)
+        ckpt.params = None  # the decoder holds what it needs (its own layout): free the rest
+        shape["tokens_from"] = decoder.generator()
+    try:
+        for i in range(args.num_samples):
+            sys.stdout.write(args.prompt)
+            generate_text(ckpt.params, ckpt.config, ckpt.tokenizer, args.prompt, docs_mode=docs,
+                          max_new_tokens=args.max_new_tokens, stop=args.stop, rng=rng,
+                          on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                          **shape)
+            sys.stdout.write("\n" if docs else "\n\n" if i + 1 < args.num_samples else "\n")
+            sys.stdout.flush()
+    finally:
+        if decoder is not None:
+            decoder.close()
     return 0
+
+
+# From this many parameters on, `sample` decodes with prepared weights (decode.Decoder) even on
+# one process: several times faster there; smaller models keep model.forward's exact numbers.
+DECODER_FROM = 1_000_000
 
 
 def cmd_score(args) -> int:
@@ -383,7 +402,7 @@ def cmd_import_hf(args) -> int:
     if os.path.exists(args.out_ckpt) and not args.force:
         raise CheckpointError(f"{args.out_ckpt} already exists: choose another OUT_CKPT (or "
                               f"--force to replace it)")
-    ckpt = import_hf(args.hf_dir)
+    ckpt = import_hf(args.hf_dir, rows="array")  # array rows: saved without float objects
     if os.path.dirname(args.out_ckpt):
         os.makedirs(os.path.dirname(args.out_ckpt), exist_ok=True)
     save_checkpoint(args.out_ckpt, ckpt)
@@ -392,6 +411,31 @@ def cmd_import_hf(args) -> int:
           f", n_embd={cfg.n_embd}, n_head={cfg.n_head}, block_size={cfg.block_size}, "
           f"{cfg.vocab_size} {ckpt.tokenizer.kind} tokens, {cfg.activation}, "
           f"{'tied' if cfg.tie_embeddings else 'untied'} lm_head, {ckpt.trainer['mode']} mode")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain_model, render_page, to_json
+    from .fsutil import atomic_write
+    model_path, texts = _model_and_words(args)
+    if not texts:
+        raise ConfigError("give a TEXT to explain, e.g. puregpt explain run emma")
+    if len(texts) > 1 and args.model is None and (os.sep in texts[0] or
+                                                  texts[0].endswith(".safetensors")):
+        resolve_checkpoint(texts[0])  # a path meant as the model: say it does not exist
+    if len(texts) > 1:
+        raise ConfigError(f"explain takes one TEXT, got {len(texts)} words: quote a text with "
+                          f"spaces (puregpt explain {model_path} \"{' '.join(texts)}\")")
+    path, ckpt = _load(model_path)
+    data = explain_model(ckpt, texts[0])  # every check (empty text, vocabulary) before writing
+    page = render_page(data).encode()
+    if args.json:
+        atomic_write(args.json, [to_json(data).encode()])
+    atomic_write(args.output, [page])
+    for note in data["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(args.output + (f" and {args.json}" if args.json else "") + f": {path} on "
+          f"{len(data['inputs'])} tokens")
     return 0
 
 
@@ -474,6 +518,10 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "block_size for documents, 256 for continuous text)")
     s.add_argument("--stop", help="end a sample just before this string")
     s.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    s.add_argument("--workers", type=int, default=1, help="processes sharing each token's "
+                   "matrix-vector products (0: one per core; same tokens as one process)")
+    s.add_argument("--compact", action="store_true", help="keep the weights as arrays: 8 (or 4, "
+                   "imported float32) bytes a parameter instead of 40, decoding slower")
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("score", help="log-probability of documents under a model")
@@ -484,6 +532,19 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint")
     _add_model_args(i)
     i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("explain", help="an x-ray page of a model on one text: attention, "
+                       "probabilities, gradients",
+                       description="Write one self-contained HTML page (no network needed) "
+                       "showing the model's real numbers on TEXT: each token's surprisal, every "
+                       "head's attention, the next-token probabilities with sampling controls, "
+                       "the residual stream, one training step's gradients, the ops in order and "
+                       "the token embeddings' PCA. For a stream-mode model TEXT is a prompt.")
+    _add_model_args(x, "TEXT", "the text to look at (one argument: quote spaces)")
+    x.add_argument("-o", "--output", default="explain.html", help="the page to write "
+                   "(default: explain.html)")
+    x.add_argument("--json", metavar="FILE", help="also write the page's numbers as JSON")
+    x.set_defaults(func=cmd_explain)
 
     pl = sub.add_parser("plot", help="draw a run's loss curves as SVG (or several runs')")
     pl.add_argument("run", nargs="+", metavar="RUN", help="run directory (several: one chart)")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 from .config import CHOICES, ConfigError, GPTConfig, TrainConfig
 from .fsutil import atomic_write, brief
-from .train import Interrupted, TrainingError
+from .train import Interrupted, TrainingError, _clock, _main_thread, terminal_width
 
 MANIFEST = "compare.json"
 FORMAT = 1
@@ -303,6 +303,7 @@ def _child(conn, parent: int, model: dict, train_cfg: dict, data, run_dir: str, 
     os.setpgrp()  # out of the terminal's process group: the parent forwards Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (fork copies the parent's handlers) until
     signal.signal(signal.SIGINT, signal.default_int_handler)  # train sets its own
+    _unblock_signals(True)  # (blocked by the parent around the fork)
     from .train import train
     last = [0.0]
 
@@ -330,6 +331,18 @@ def _child(conn, parent: int, model: dict, train_cfg: dict, data, run_dir: str, 
         conn.send(("failed", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
+
+
+def _block_signals() -> bool:
+    if not hasattr(signal, "pthread_sigmask"):
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    return True
+
+
+def _unblock_signals(blocked: bool) -> None:
+    if blocked and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 # --- the pool ----------------------------------------------------------------------------------
@@ -390,7 +403,13 @@ class Pool:
         job.proc = self.ctx.Process(target=_child, args=(child, os.getpid(), c.model, train_cfg,
                                                          self.data, job.dir, state == "partial"),
                                     daemon=False)
-        job.proc.start()
+        # Ctrl-C during the fork would reach the child before it has handlers of its own
+        # (it would run the parent's copy and train on): signals wait until both are ready
+        blocked = _block_signals()
+        try:
+            job.proc.start()
+        finally:
+            _unblock_signals(blocked)
         child.close()
         job.conn, job.state, job.step, job.start_step = parent, "running", step, step
         job.t0 = time.monotonic()
@@ -414,12 +433,14 @@ class Pool:
 
     def run(self) -> None:
         from multiprocessing.connection import wait
-        main = _on_main_thread()
+        main = _main_thread()
         saved = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)} \
             if main else {}
         try:
             while True:
-                running = [j for j in self.jobs if j.state == "running"]
+                # a job whose process has not been joined yet (it may have said "done" and
+                # still be exiting): it holds a slot, and its end redraws the report
+                running = [j for j in self.jobs if j.proc is not None and j.conn is not None]
                 if self.stopping is None:
                     for job in [j for j in self.jobs if j.state == "waiting"][
                             :self.n - len(running)]:
@@ -437,6 +458,7 @@ class Pool:
                         job.proc.join()
                         self._read(job)
                         job.conn.close()
+                        job.conn = None
                         if job.state == "running":  # died without a word (killed)
                             job.state = "stopped" if self.stopping else "failed"
                             job.message = f"the process ended with code {job.proc.exitcode}"
@@ -449,17 +471,7 @@ class Pool:
                 signal.signal(s, h)
 
 
-def _on_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 # --- progress ----------------------------------------------------------------------------------
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Display:
@@ -519,7 +531,7 @@ class Display:
             self.last = now
             self._clear()
             lines = [head] + [self.line(j) for j in jobs]
-            self.stream.write("\n".join(line[:_width(self.stream) - 1] + "\x1b[K"
+            self.stream.write("\n".join(line[:terminal_width(self.stream) - 1] + "\x1b[K"
                                         for line in lines) + "\n")
             self.stream.flush()
             self.drawn = len(lines)
@@ -529,13 +541,6 @@ class Display:
                 self.seen[id(job)] = job.state
                 if job.state != "waiting":
                     print(self.line(job) + f"   [{head}]", file=self.stream, flush=True)
-
-
-def _width(stream) -> int:
-    try:
-        return os.get_terminal_size(stream.fileno()).columns or 80
-    except (AttributeError, OSError, ValueError):
-        return 80
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -571,8 +576,9 @@ def compare(grid: Grid, out: str, jobs: int = 0, smooth: float = 0.8, quiet: boo
 
     def redraw(_jobs=None):
         return write_report(grid, out, smooth)
+    pool = Pool(todo, n, grid.data, display, redraw)
     if left:
-        Pool(todo, n, grid.data, display, redraw).run()
+        pool.run()
         display.draw(todo, force=True)
     report = redraw()
     stopped = [j for j in todo if j.state == "stopped"]
@@ -581,9 +587,10 @@ def compare(grid: Grid, out: str, jobs: int = 0, smooth: float = 0.8, quiet: boo
         raise TrainingError("runs failed: " + "; ".join(
             f"{j.dir}: {j.message}" for j in failed) + f" (the report of the others is in "
             f"{out}/report.md)")
-    if stopped:
+    if stopped or pool.stopping is not None:
         raise Interrupted(f"interrupted: {len(stopped)} run(s) stopped with their checkpoints "
-                          f"saved; the same command again resumes them", signal.SIGINT)
+                          f"saved; the same command again resumes them",
+                          pool.stopping or signal.SIGINT)
     return report
 
 

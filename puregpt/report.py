@@ -111,7 +111,7 @@ def verdict(a: list[float], base: list[float]) -> dict:
     diff = stats.mean(a) - stats.mean(base)
     if len(a) < 2 or len(base) < 2:
         return {"diff": diff, "low": None, "high": None, "p": None,
-                "verdict": f"one seed: no interval, so no verdict (use --seeds 2 or more)"}
+                "verdict": "one seed: no interval, so no verdict (use --seeds 2 or more)"}
     w = stats.welch(a, base)
     if w.low > 0 or w.high < 0:
         word = "better" if w.high < 0 else "worse"

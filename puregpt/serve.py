@@ -92,6 +92,8 @@ def parse_json(body: bytes, fields: dict) -> dict:
         raise RequestError(400, "the request body is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise RequestError(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(req, dict):
         raise RequestError(400, f"the body must be a JSON object, got {type(req).__name__}")
     unknown = sorted(set(req) - set(fields))
@@ -110,12 +112,17 @@ def check_text(ckpt: Checkpoint, name: str, text) -> list[int]:
         raise RequestError(400, f"{name}: {e}") from None
 
 
+def default_max_tokens(ckpt: Checkpoint, docs_mode: bool) -> int:
+    """`puregpt sample`'s: block_size for documents, 256 for continuous text (within the cap)."""
+    return min(MAX_TOKENS, ckpt.config.block_size if docs_mode else 256)
+
+
 def generation_settings(ckpt: Checkpoint, docs_mode: bool, body: bytes) -> dict:
     """A generate request's settings, checked (400s) before anything is generated."""
     req = parse_json(body, DEFAULTS)
     check_text(ckpt, "prompt", req["prompt"])
     if req["max_tokens"] is None:
-        req["max_tokens"] = min(MAX_TOKENS, ckpt.config.block_size if docs_mode else 256)
+        req["max_tokens"] = default_max_tokens(ckpt, docs_mode)
     if not 0 <= _number("max_tokens", req["max_tokens"], int) <= MAX_TOKENS:
         raise RequestError(400, f"max_tokens must be between 0 and {MAX_TOKENS} (the server's "
                                 f"cap on tokens per request), got {req['max_tokens']}")
@@ -160,9 +167,8 @@ def model_info(ckpt: Checkpoint, path: str, docs_mode: bool) -> dict:
             "config": ckpt.config.to_dict(), "mode": "docs" if docs_mode else "stream",
             "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "bos": tok.token_str(tok.bos),
             "bos_id": tok.bos,
-            "max_tokens": MAX_TOKENS, "max_body": MAX_BODY, "defaults": {
-                **DEFAULTS, "max_tokens": min(MAX_TOKENS, ckpt.config.block_size if docs_mode
-                                              else 256)}}
+            "max_tokens": MAX_TOKENS, "max_body": MAX_BODY,
+            "defaults": {**DEFAULTS, "max_tokens": default_max_tokens(ckpt, docs_mode)}}
     if tok.kind == "char":
         info["chars"] = "".join(tok.chars)
     return info
@@ -336,15 +342,16 @@ def serve(ckpt: Checkpoint, path: str, host: str = "127.0.0.1", port: int = 8000
           out=sys.stdout) -> int:
     """Serve until Ctrl-C; print where (and whether only this machine can connect)."""
     server = Server(ckpt, path, host, port)
-    print(f"serving {path} at {server.url}", file=out, flush=True)
-    if server.loopback:
-        print("local only: only this machine can connect (--host 0.0.0.0 to share it on the "
-              "network)", file=out, flush=True)
-    else:
-        print(f"warning: listening on {server.server_address[0]}: anyone who can reach this "
-              f"machine can use the model (there is no authentication)", file=out, flush=True)
-    print("Ctrl-C stops it", file=out, flush=True)
-    try:
+    try:  # (from here on, a Ctrl-C is a clean stop, even before the first request)
+        print(f"serving {path} at {server.url}", file=out, flush=True)
+        if server.loopback:
+            print("local only: only this machine can connect (--host 0.0.0.0 to share it on "
+                  "the network)", file=out, flush=True)
+        else:
+            print(f"warning: listening on {server.server_address[0]}: anyone who can reach "
+                  f"this machine can use the model (there is no authentication)", file=out,
+                  flush=True)
+        print("Ctrl-C stops it", file=out, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("\nstopped", file=out, flush=True)

@@ -140,8 +140,10 @@ def test_the_tables_means_and_stds_are_the_runs_own(grid):
         tok = [sum(r["tokens"] for r in metrics_rows(run_dir(out, label, seed)))
                for seed in (42, 43)]
         assert tokens == f"{statistics.mean(tok):,.0f}"
-        n = load_checkpoint(run_dir(out, label, 42) / "last.safetensors").params
-        assert params == f"{sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1) for t in n.values()):,}"
+        weights = load_checkpoint(run_dir(out, label, 42) / "last.safetensors").params
+        count = sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1)
+                    for t in weights.values())
+        assert params == f"{count:,}"
         assert seeds == "2/2"
     assert means == sorted(means)  # ranked by mean final validation loss
     numbers = json.loads((out / "report.json").read_text())
@@ -215,24 +217,31 @@ def _grid_args(data, out, steps=150):
             steps, "--eval-every", 50, *TINY, "--batch-size", "1", "--jobs", 2, "--out", out]
 
 
-def test_ctrl_c_then_rerun_is_bit_identical_to_an_uninterrupted_compare(tmp_path):
-    data = names_file(tmp_path, 200)
-    ref = compare_cli(*_grid_args(data, tmp_path / "ref"), "--quiet")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ref")
+    data = names_file(base, 200)
+    ref = compare_cli(*_grid_args(data, base / "ref"), "--quiet")
     assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "cut"
+    return base / "ref", data
+
+
+def _start_and_cut(out: Path, data, sig) -> subprocess.Popen:
+    """Start a compare and send it `sig` once its first run has trained 30 steps."""
     proc = subprocess.Popen([sys.executable, "-m", "puregpt", "compare",
                              *map(str, _grid_args(data, out))], cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = out / dir_name("pos=learned") / "seed-42" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:  # stop it mid-run
+    while time.monotonic() < deadline and proc.poll() is None:
         if first.exists() and len(first.read_text().splitlines()) >= 30:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "resumes them" in err
+    proc.send_signal(sig)
+    return proc
+
+
+def _check_resumed_equals(ref: Path, out: Path, data) -> None:
     steps = [load_checkpoint(out / dir_name(label) / f"seed-{s}" / "last.safetensors").step
              for label in ("pos=learned", "pos=sinusoidal") for s in (42, 43)
              if (out / dir_name(label) / f"seed-{s}" / "last.safetensors").exists()]
@@ -241,15 +250,47 @@ def test_ctrl_c_then_rerun_is_bit_identical_to_an_uninterrupted_compare(tmp_path
     assert again.returncode == 0, again.stderr
     for label in ("pos=learned", "pos=sinusoidal"):
         for seed in (42, 43):
-            a = tmp_path / "ref" / dir_name(label) / f"seed-{seed}"
+            a = ref / dir_name(label) / f"seed-{seed}"
             b = out / dir_name(label) / f"seed-{seed}"
             assert exact_rows(a) == exact_rows(b), (label, seed)
             for name in ("last.safetensors", "best.safetensors"):
                 assert params_bits(load_checkpoint(a / name).params) == \
                     params_bits(load_checkpoint(b / name).params), (label, seed, name)
-    numbers = [json.loads((d / "report.json").read_text())["configs"]
-               for d in (tmp_path / "ref", out)]
+    numbers = [json.loads((d / "report.json").read_text())["configs"] for d in (ref, out)]
     assert [c["val_mean"] for c in numbers[0]] == [c["val_mean"] for c in numbers[1]]
+
+
+def test_ctrl_c_then_rerun_is_bit_identical_to_an_uninterrupted_compare(uninterrupted,
+                                                                        tmp_path):
+    ref, data = uninterrupted
+    proc = _start_and_cut(tmp_path / "cut", data, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "resumes them" in err
+    assert not list((tmp_path / "cut").rglob(".lock"))  # every run has stopped
+    _check_resumed_equals(ref, tmp_path / "cut", data)
+
+
+def test_a_killed_compare_stops_its_runs_and_resumes_exactly(uninterrupted, tmp_path):
+    """SIGKILL: no chance to forward anything; the runs notice their parent is gone, save and
+    stop (their locks go), and the same command resumes them."""
+    ref, data = uninterrupted
+    proc = _start_and_cut(tmp_path / "cut", data, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while list((tmp_path / "cut").rglob(".lock")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list((tmp_path / "cut").rglob(".lock"))
+    _check_resumed_equals(ref, tmp_path / "cut", data)
+
+
+def test_a_token_budget_gives_each_config_its_steps(tmp_path):
+    data = names_file(tmp_path, 300)
+    names = data.read_text().split()
+    per_doc = statistics.mean(len(n) + 1 for n in names)  # BOS + its letters predict the next
+    g = build_grid({"block_size": 32}, {"batch_size": 4, "val_fraction": 0.0},
+                   ["n-embd=8,16"], seeds=1, data=str(data), tokens=5000)
+    assert [c.train["steps"] for c in g.configs] == [round(5000 / (per_doc * 4))] * 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -362,8 +403,40 @@ def test_the_modern_switches_vary_including_auto():
     assert parse_vary(["mlp-hidden=auto,64"])[0][3] == [None, 64]
     with pytest.raises(ConfigError, match="is not an int or auto"):
         parse_vary(["n-kv-head=two"])
-    g = build_grid({"n_embd": 8, "n_head": 4}, {"steps": 5}, ["n-kv-head=1,2", "pos=learned,rope"],
-                   seeds=1)
+    g = build_grid({"n_embd": 8, "n_head": 4}, {"steps": 5},
+                   ["n-kv-head=1,2", "pos=learned,rope"], seeds=1)
     assert [c.model["n_kv_head"] for c in g.configs] == [1, 1, 2, 2]
     with pytest.raises(ConfigError, match="n_kv_head"):
         build_grid({"n_embd": 8, "n_head": 4}, {}, ["n-kv-head=3"], seeds=1)
+
+
+def test_verdicts_in_words():
+    from puregpt.report import verdict
+    assert verdict([1.0, 1.1, 1.05], [2.0, 2.1, 2.05])["verdict"] == "better"  # lower loss
+    assert verdict([2.0, 2.1, 2.05], [1.0, 1.1, 1.05])["verdict"] == "worse"
+    assert verdict([1.0, 2.0, 1.5], [1.1, 2.1, 1.4])["verdict"] == \
+        "no difference detectable with 3 seeds"
+    assert verdict([1.0, 2.0], [1.1, 2.1, 1.4])["verdict"] == \
+        "no difference detectable with 2 and 3 seeds"
+    one = verdict([1.0], [2.0])
+    assert one["diff"] == -1.0 and one["low"] is None and "one seed: no interval" in one["verdict"]
+    assert verdict([], [2.0])["verdict"] == "not finished yet"
+
+
+def test_the_report_is_redrawn_as_runs_finish(tmp_path):
+    data = names_file(tmp_path, 200)
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "puregpt", "compare", "--data", str(data),
+                             "--vary", "steps=4,3000", "--seeds", "1", *TINY, "--jobs", "1",
+                             "--out", str(out)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report = out / "report.md"
+    deadline = time.monotonic() + 120
+    while not report.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert running and report.exists()
+    rows = {r[1].replace(" (baseline)", ""): r for r in md_table(report.read_text(), "Ranking")}
+    assert rows["steps=4"][8] == "1/1" and rows["steps=3000"][8] == "0/1"

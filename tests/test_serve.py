@@ -7,6 +7,7 @@ concurrent requests all finish with their seeds' outputs; Ctrl-C stops the comma
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
@@ -63,6 +64,17 @@ def stream_server(stream_run):
     stop(server, thread)
 
 
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bpe")
+    data = base / "text.txt"
+    data.write_text(stream_text(3000), encoding="utf-8")
+    proc = run_cli("train", "--data", data, "--mode", "stream", "--tokenizer", "bpe",
+                   "--vocab-size", 300, "--out", base / "run", *TINY_RUN, "--steps", 3, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return base / "run"
+
+
 def request(server, method, path, body=None, headers=None, timeout=60):
     """(status, headers, body bytes) of one request."""
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=timeout)
@@ -90,9 +102,12 @@ def cli_sample(run, **s) -> str:
     for name, value in s.items():
         flags += [{"max_tokens": "--max-new-tokens"}.get(name, "--" + name.replace("_", "-")),
                   value]
-    proc = run_cli("sample", run, "-n", 1, *flags)
+    # (bytes, decoded here: text mode would turn a sampled "\r" into "\n")
+    proc = subprocess.run([sys.executable, "-m", "puregpt", "sample", str(run), "-n", "1",
+                           *map(str, flags)], cwd=REPO, env=cli_env(), capture_output=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout.decode("utf-8")
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -102,17 +117,28 @@ SETTINGS = [dict(seed=1), dict(seed=7, prompt="ma", temperature=1.0),
             dict(seed=5, temperature=2.0, top_p=0.5, max_tokens=30, prompt="e")]
 
 
-@pytest.mark.parametrize("mode", ["docs", "stream"])
+@pytest.mark.parametrize("mode", ["docs", "stream", "bpe"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
 def test_seeded_generation_is_puregpt_samples(mode, settings, finished_run, stream_run,
-                                              docs_server, stream_server):
-    run, server = (finished_run[0], docs_server) if mode == "docs" else (stream_run,
-                                                                          stream_server)
-    events = generate(server, **settings)
+                                              docs_server, stream_server, bpe_run):
+    if mode == "bpe":  # (byte-level BPE, stream mode)
+        server, thread = start(bpe_run)
+        try:
+            events = generate(server, **settings)
+        finally:
+            stop(server, thread)
+        run = bpe_run
+    else:
+        run, server = (finished_run[0], docs_server) if mode == "docs" else (stream_run,
+                                                                              stream_server)
+        events = generate(server, **settings)
     printed = cli_sample(run, **settings)
     prompt = settings.get("prompt", "")
     assert printed == events[-1]["text"] + "\n"
-    assert prompt + "".join(e["token"] for e in events[:-1]) == events[-1]["text"]
+    tok = load_checkpoint(resolve_checkpoint(str(run))).tokenizer
+    assert prompt + tok.decode([e["id"] for e in events[:-1]]) == events[-1]["text"]
+    if mode != "bpe":  # (a BPE token may hold part of a character: its text then shows U+FFFD)
+        assert prompt + "".join(e["token"] for e in events[:-1]) == events[-1]["text"]
     assert events[-1]["seed"] == settings["seed"]
     assert events[-1]["tokens"] == len(events) - 1
 
@@ -190,6 +216,7 @@ def test_twenty_concurrent_requests_all_finish_with_their_seeds_outputs(finished
 BAD_GENERATE = [
     (b"{not json", "malformed JSON"),
     (b"[1, 2]", "must be a JSON object, got list"),
+    (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
     (b"\xff\xfe", "not UTF-8"),
     ({"prompt": "a", "bogus": 1}, "unknown field(s): bogus"),
     ({"prompt": 3}, "prompt must be a string"),
@@ -349,20 +376,79 @@ def test_a_stalled_client_does_not_block_others(docs_server):
             s.close()
 
 
+# --- explain and the page ------------------------------------------------------------------------
+
+
+def test_explain_gives_explains_numbers(finished_run, docs_server):
+    from puregpt.explain import explain
+    ckpt = load_checkpoint(resolve_checkpoint(str(finished_run[0])))
+    status, headers, data = request(docs_server, "POST", "/api/explain", {"text": "emma"})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    direct = explain(ckpt.params, ckpt.config, ckpt.tokenizer, "emma",
+                     train_config=ckpt.train_config, docs_mode=True, optimizer=ckpt.optimizer,
+                     step=ckpt.step)
+    assert json.loads(data) == json.loads(json.dumps(direct))
+
+
+def test_explains_and_generations_side_by_side_do_not_touch_each_other(finished_run,
+                                                                       docs_server):
+    """The model is shared: explain's training step works on copies, so four explains of
+    different texts, running with generations, give each its own numbers."""
+    from puregpt.explain import explain_checkpoint
+    texts = ["emma", "ava", "olivia", "mia"]
+    want = {t: json.loads(json.dumps(explain_checkpoint(docs_server.path, t))) for t in texts}
+    got, errors = {}, []
+
+    def client(text):
+        try:
+            got[text] = json.loads(request(docs_server, "POST", "/api/explain",
+                                           {"text": text})[2])
+            generate(docs_server, seed=len(text), max_tokens=8)
+        except Exception as e:  # reported below
+            errors.append(f"{text}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert got == want
+
+
+def test_the_page_is_the_live_page(docs_server):
+    status, headers, data = request(docs_server, "GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert data.count(b'<meta name="puregpt-live" content="1">') == 1
+    assert b'data-live="true"' in data and b'<script id="puregpt-live">' in data
+    from puregpt.explain import explain_checkpoint, render_page
+    static = render_page(explain_checkpoint(docs_server.path, "emma"))
+    assert 'name="puregpt-live"' not in static and 'data-live="false"' in static
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
-def start_cli(*args):
+@contextlib.contextmanager
+def serving(*args):
+    """`puregpt serve ARGS` in a subprocess: yields its first three lines and a dict that, once
+    the block ends and the command got its Ctrl-C (SIGINT), holds its code, stdout and stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "puregpt", "serve", *map(str, args)],
                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    lines = [proc.stdout.readline() for _ in range(3)]
-    return proc, lines
+    stopped = {}
+    try:
+        yield [proc.stdout.readline() for _ in range(3)], stopped
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        stopped.update(code=proc.returncode, out=out, err=err)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_ctrl_c_stops_the_command_cleanly(finished_run):
-    proc, lines = start_cli(finished_run[0], "--port", 0)
-    try:
+    with serving(finished_run[0], "--port", 0) as (lines, stopped):
         assert lines[0].startswith(f"serving {finished_run[0] / 'best.safetensors'} at "
                                    f"http://127.0.0.1:"), lines
         assert lines[1].startswith("local only: only this machine can connect"), lines
@@ -372,14 +458,9 @@ def test_ctrl_c_stops_the_command_cleanly(finished_run):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/api/info")
         assert json.loads(conn.getresponse().read())["step"] == 6
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, err
-    assert out.strip().endswith("stopped")
-    assert "Traceback" not in err
+    assert stopped["code"] == 0, stopped["err"]
+    assert stopped["out"].strip().endswith("stopped")
+    assert "Traceback" not in stopped["err"]
 
 
 def test_the_command_names_its_model_as_sample_does(tmp_path, finished_run):
@@ -389,12 +470,15 @@ def test_the_command_names_its_model_as_sample_does(tmp_path, finished_run):
     assert proc.returncode == 1 and "no model in ./run (the default)" in proc.stderr
     proc = run_cli("serve", "--port", 70000)
     assert proc.returncode == 2 and "--port must be between 0 and 65535" in proc.stderr
-    proc, lines = start_cli("-m", finished_run[0] / "last.safetensors", "--port", 0)
-    try:
+    with serving("-m", finished_run[0] / "last.safetensors", "--port", 0) as (lines, stopped):
         assert lines[0].startswith(f"serving {finished_run[0] / 'last.safetensors'} at ")
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0
+    assert stopped["code"] == 0
+
+
+def test_listening_beyond_loopback_comes_with_a_warning(finished_run):
+    """(and a Ctrl-C straight after the start is a clean stop too)"""
+    with serving(finished_run[0], "--host", "0.0.0.0", "--port", 0) as (lines, stopped):
+        assert " at http://0.0.0.0:" in lines[0]
+        assert lines[1].startswith("warning: listening on 0.0.0.0: anyone who can reach this "
+                                   "machine can use the model"), lines
+    assert stopped["code"] == 0
