@@ -51,9 +51,9 @@ def train(data: str | None = None, *, preset: str = "default", out: str | None =
     """Train a model and return it.
 
     data: a UTF-8 text file (default: the bundled names). preset: the starting settings
-    ("default", "microgpt", "gpt2"); `settings` override any GPTConfig or TrainConfig field, e.g.
-    steps=500, n_embd=32, pos="sinusoidal", batch_size=8. out: a run directory to write
-    checkpoints, metrics and the loss plot to (None: nothing is written). resume: continue the
+    ("default", "microgpt", "gpt2", "llama"); `settings` override any GPTConfig or TrainConfig
+    field, e.g. steps=500, n_embd=32, pos="sinusoidal", batch_size=8. out: a run directory to
+    write checkpoints, metrics and the loss plot to (None: nothing is written). resume: continue the
     run in `out` (settings then may only change what a resume allows, e.g. steps or lr).
     force: replace a run already in `out` (otherwise refused). init_from: start from a
     checkpoint's weights and vocabulary, with a fresh optimizer (fine-tuning).

@@ -102,10 +102,12 @@ def _value(f, text: str, spec: str):
             if low in ("off", "false", "no", "0"):
                 return False
             raise ValueError
-        return {"int": int, "float": float, "str": str}[f.type](text)
+        if f.type == "int | None" and text.lower() == "auto":  # n_kv_head, mlp_hidden: unset
+            return None
+        return {"int": int, "float": float, "str": str, "int | None": int}[f.type](text)
     except ValueError:
-        kind = "on or off" if f.type == "bool" else f"an {f.type}" if f.type == "int" else \
-            f"a {f.type}"
+        kind = "on or off" if f.type == "bool" else "an int or auto" if f.type == "int | None" \
+            else f"an {f.type}" if f.type == "int" else f"a {f.type}"
         raise ConfigError(f"--vary {spec}: {brief(text)} is not {kind}") from None
 
 

@@ -197,8 +197,9 @@ def norm_backward(dY, cache, grads, name, config):
 
 def _qkv(tensors, p):
     """Q, K and V's weight matrices (or their gradients) stacked: one (C + 2 kv, C) linear
-    layer (kv = n_kv_head * hd; 3C without grouping, as GPT-2 stores them in c_attn). The stacked list holds the original rows, so gradients
-    accumulated into it land in each matrix's own buffers."""
+    layer (kv = n_kv_head * hd; 3C without grouping, as GPT-2 stores them in c_attn). The
+    stacked list holds the original rows, so gradients accumulated into it land in each
+    matrix's own buffers."""
     parts = [tensors.get(w) for w in layer_tensors(p + "attn_qkv")]
     return None if parts[0] is None else parts[0] + parts[1] + parts[2]
 
@@ -225,7 +226,8 @@ def attn_forward(X, params, p, config, lengths, kv=None, positions=None):
     Vv = [row[C + kvd:] for row in QKV]  # (N, kvd)
     c_rows = {}  # the row-wise steps on q and k: QK-norm, then the rotation
     if config.qk_norm:
-        Q, c_rows["q_norm"] = ops.head_rmsnorm_forward(Q, config.n_head, params[p + "attn_q_norm_g"],
+        Q, c_rows["q_norm"] = ops.head_rmsnorm_forward(Q, config.n_head,
+                                                       params[p + "attn_q_norm_g"],
                                                        config.norm_eps)
         K, c_rows["k_norm"] = ops.head_rmsnorm_forward(K, config.kv_heads,
                                                        params[p + "attn_k_norm_g"],

@@ -365,36 +365,29 @@ def rope_forward(X, positions, n_heads, cos, sin):
     half, x2 = its second half, c = cos[p], s = sin[p] (all hd/2 long):
         y1 = x1 c - x2 s,   y2 = x2 c + x1 s
     (= x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)). No parameters."""
+    return _rotate(X, positions, n_heads, cos, sin, 1.0), (positions, n_heads, cos, sin)
+
+
+def rope_backward(dY, cache):
+    """A rotation's Jacobian is the rotation; its transpose turns back by the same angle:
+        dx1 = dy1 c + dy2 s,   dx2 = dy2 c - dy1 s."""
+    return _rotate(dY, *cache, -1.0)
+
+
+def _rotate(X, positions, n_heads, cos, sin, sign):
+    """Every channel pair (i, i + hd/2) of every head turned by sign * angle(p, i)."""
     hd = len(X[0]) // n_heads
     half = hd // 2
     Y = []
     for x, p in zip(X, positions):
-        c, s = cos[p], sin[p]
+        c, s = cos[p], [sign * si for si in sin[p]]
         y = []
         for lo in range(0, len(x), hd):
             x1, x2 = x[lo:lo + half], x[lo + half:lo + hd]
             y += [a * ci - b * si for a, b, ci, si in zip(x1, x2, c, s)]
             y += [b * ci + a * si for a, b, ci, si in zip(x1, x2, c, s)]
         Y.append(y)
-    return Y, (positions, n_heads, cos, sin)
-
-
-def rope_backward(dY, cache):
-    """A rotation's Jacobian is the rotation; its transpose turns back by the same angle:
-        dx1 = dy1 c + dy2 s,   dx2 = dy2 c - dy1 s."""
-    positions, n_heads, cos, sin = cache
-    hd = len(dY[0]) // n_heads
-    half = hd // 2
-    dX = []
-    for dy, p in zip(dY, positions):
-        c, s = cos[p], sin[p]
-        dx = []
-        for lo in range(0, len(dy), hd):
-            d1, d2 = dy[lo:lo + half], dy[lo + half:lo + hd]
-            dx += [a * ci + b * si for a, b, ci, si in zip(d1, d2, c, s)]
-            dx += [b * ci - a * si for a, b, ci, si in zip(d1, d2, c, s)]
-        dX.append(dx)
-    return dX
+    return Y
 
 
 # --- QK-norm: RMSNorm over each head of q or k ---------------------------------------------------

@@ -396,6 +396,20 @@ def test_the_grid_in_python():
     assert parse_vary(["lr=0.01,1e-3"])[0][3] == [0.01, 0.001]
 
 
+def test_the_modern_switches_vary_including_auto():
+    """n_kv_head and mlp_hidden are int-or-unset fields: `auto` is the unset value; a grid over
+    them is checked like any other (a K/V head count that does not divide n_head is refused)."""
+    assert parse_vary(["n-kv-head=auto,1,2"])[0][3] == [None, 1, 2]
+    assert parse_vary(["mlp-hidden=auto,64"])[0][3] == [None, 64]
+    with pytest.raises(ConfigError, match="is not an int or auto"):
+        parse_vary(["n-kv-head=two"])
+    g = build_grid({"n_embd": 8, "n_head": 4}, {"steps": 5},
+                   ["n-kv-head=1,2", "pos=learned,rope"], seeds=1)
+    assert [c.model["n_kv_head"] for c in g.configs] == [1, 1, 2, 2]
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        build_grid({"n_embd": 8, "n_head": 4}, {}, ["n-kv-head=3"], seeds=1)
+
+
 def test_verdicts_in_words():
     from puregpt.report import verdict
     assert verdict([1.0, 1.1, 1.05], [2.0, 2.1, 2.05])["verdict"] == "better"  # lower loss

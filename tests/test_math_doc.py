@@ -31,6 +31,7 @@ REQUIRED_SECTIONS = [
     "relu", "gelu-exact", "gelu-tanh-approximation", "softmax", "causal-self-attention",
     "cross-entropy", "residual-connection", "tied-head", "adam-with-bias-correction",
     "decoupled-weight-decay", "gradient-clipping", "learning-rate-schedules",
+    "rotary-positions-rope", "silu", "swiglu", "grouped-query-attention", "qk-norm",
 ]
 # Sections with no derivative to take (the optimizer's update rules): their checks compare the
 # formula with the project's function and need not call the finite-difference helper.
@@ -163,6 +164,31 @@ def _embedding_overwrites(dX, cache, dwte, dwpe=None):
         dwte[t][:] = dx
 
 
+def _rope_backward_not_transposed(dY, cache):
+    return ops.rope_forward(dY, *cache)[0]
+
+
+def _attention_backward_last_head_of_group(dout, cache):
+    """dK, dV overwritten by each query head of a group instead of summed."""
+    Q, K, V, n_head, weights, n_kv = cache
+    group = n_head // n_kv
+    dQ = REAL["attention_backward"](dout, cache)[0]
+    last = [w if h % group == group - 1 else [[0.0] * len(r) for r in w]
+            for h, w in enumerate(weights)]
+    _, dK, dV = REAL["attention_backward"](dout, (Q, K, V, n_head, last, n_kv))
+    return dQ, dK, dV
+
+
+def _head_rmsnorm_gain_of_one_head(dY, cache, dgain=None):
+    rcache, n_heads = cache
+    if dgain is None:
+        return REAL["head_rmsnorm_backward"](dY, cache)
+    scratch = [0.0] * len(dgain)
+    dX = REAL["head_rmsnorm_backward"](dY, cache, scratch)
+    dgain[:] = [d + s / n_heads for d, s in zip(dgain, scratch)]  # a mean, not the sum
+    return dX
+
+
 def _lr_off_by_one(step, tc):
     return REAL["lr_at"](step + 1, tc)
 
@@ -172,6 +198,7 @@ def _adam_without_bias_correction(p, g, m, v, t, *args, **kwargs):
 
 
 REAL = {"attention_backward": ops.attention_backward,
+        "head_rmsnorm_backward": ops.head_rmsnorm_backward,
         "cross_entropy_backward": ops.cross_entropy_backward, "lr_at": optim.lr_at,
         "adamw_update": optim.adamw_update}
 MUTANTS = [
@@ -179,6 +206,10 @@ MUTANTS = [
     ("causal-self-attention", ops, "attention_backward", _attention_unscaled),
     ("cross-entropy", ops, "cross_entropy_backward", _cross_entropy_sum),
     ("embedding-lookup", ops, "embedding_backward", _embedding_overwrites),
+    ("rotary-positions-rope", ops, "rope_backward", _rope_backward_not_transposed),
+    ("grouped-query-attention", ops, "attention_backward",
+     _attention_backward_last_head_of_group),
+    ("qk-norm", ops, "head_rmsnorm_backward", _head_rmsnorm_gain_of_one_head),
     ("learning-rate-schedules", optim, "lr_at", _lr_off_by_one),
     ("adam-with-bias-correction", optim, "adamw_update", _adam_without_bias_correction),
 ]
