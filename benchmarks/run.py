@@ -7,6 +7,7 @@
     python benchmarks/run.py sample            # KV-cached generation vs full re-forward
     python benchmarks/run.py memory            # peak RSS of training, fresh processes
     python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
+    python benchmarks/run.py pythons           # train-tiny, train-large on each CPython 3.10-3.13
     python benchmarks/run.py all --quick       # tiny sizes, for CI (asserts the checks, not speed)
 
 Every benchmark compares within ONE run (ratios), alternating the contenders and keeping each
@@ -29,6 +30,7 @@ if str(BENCH_DIR) not in sys.path:  # when loaded by path rather than run as a s
 
 import bench_memory  # noqa: E402
 import bench_notebook  # noqa: E402
+import bench_pythons  # noqa: E402
 import bench_race  # noqa: E402
 import bench_sample  # noqa: E402
 import bench_train_large  # noqa: E402
@@ -43,6 +45,7 @@ BENCHMARKS = {
     "sample": bench_sample,
     "memory": bench_memory,
     "notebook": bench_notebook,
+    "pythons": bench_pythons,  # runs the others on each interpreter: not part of `all`
 }
 
 
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
     args = harness.parse_args(
         BENCHMARKS, argv,
         epilog="all runs train-tiny (with the race), train-large, sample and memory.")
-    names = list(BENCHMARKS) if "all" in args.benchmarks else list(dict.fromkeys(args.benchmarks))
+    names = ([n for n in BENCHMARKS if n != "pythons"] if "all" in args.benchmarks
+             else list(dict.fromkeys(args.benchmarks)))
     if "train-tiny" in names and "race" in names and not args.no_race:
         names.remove("race")  # train-tiny runs it
     return harness.run(BENCHMARKS, names, args)

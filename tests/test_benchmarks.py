@@ -130,6 +130,28 @@ def test_memory(tmp_path):
     assert r["tiny"]["params"] == 4192 and r["large"]["params"] > r["tiny"]["params"]
 
 
+def test_pythons(tmp_path):
+    """This interpreter and the oldest other supported one found, side by side: every product
+    path timed (and checked equal to dist's inside the child), the benchmarks' JSON read back,
+    torch's contender skipped where torch is missing."""
+    bench = load_run().BENCHMARKS["pythons"]
+    found = bench.interpreters()
+    assert found and all((3, 10) <= v[:2] <= (3, 13) for _, v in found)
+    chosen = [sys.executable] + [p for p, v in found if v[:2] != sys.version_info[:2]][:1]
+    r, stdout = run_bench("pythons", tmp_path, *[w for p in chosen for w in ("--python", p)])
+    assert [p["executable"] for p in r["pythons"]] == sorted(
+        chosen, key=lambda p: bench.version_of(p))
+    for p in r["pythons"]:
+        paths = p["paths"]
+        assert paths["chosen"] in paths["seconds"] and "dist" in paths["seconds"]
+        assert all(positive(*t.values()) for t in paths["seconds"].values())
+        assert set(p["results"]) == {"train-tiny", "train-large"}
+        assert positive(p["results"]["train-large"]["fraction_of_products"])
+        torch = p["results"]["train-tiny"]["torch"]
+        assert ("skipped" in torch) != (p["env"]["torch"] is not None)
+        assert f"Python {p['python']}" in stdout
+
+
 @pytest.mark.oracle
 def test_notebook(tmp_path):
     import ipykernel  # noqa: F401  (the oracle: the benchmark only skips without them)
