@@ -47,8 +47,9 @@ def positive(*values) -> bool:
 
 def check_race(race: dict, torch_expected: bool) -> None:
     assert race["samples"] == 20 and race["steps"] > 0
-    assert positive(race["puregpt_seconds"])
+    assert positive(race["puregpt_seconds"], race["puregpt_1_process_seconds"])
     if torch_expected:
+        assert positive(race["torch_over_puregpt_1_process"])
         assert positive(race["torch_seconds"], race["torch_over_puregpt"],
                         race["torch_seconds_1_thread"], race["torch_seconds_2_threads"])
         assert race["torch_seconds"] == min(race["torch_seconds_1_thread"],
@@ -90,6 +91,7 @@ def test_race(tmp_path):
     r, stdout = run_bench("race", tmp_path)
     check_race(r, HAVE_TORCH)
     assert r["rounds"] == 1 and len(r["puregpt_seconds_all"]) == 1
+    assert len(r["puregpt_1_process_seconds_all"]) == 1 and "one process (--workers 1)" in stdout
     assert "### race: 20 steps + 20 samples" in stdout
 
 
