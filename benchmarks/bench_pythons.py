@@ -7,8 +7,8 @@ version; --python PATH instead names them). Each runs, as a fresh process with t
 PYTHONPATH (puregpt is pure Python: no install needed):
   * `run.py _pythons-child`: train-large gradient steps (batch of 8 windows) and 100 microgpt
     steps (forward + backward) with each product path, alternated, best of rounds;
-  * `run.py train-tiny train-large --no-race` (with --quick when given), whose JSON is read
-    back. Contenders that need torch say "skipped: torch not installed" where it is missing.
+  * `run.py train-tiny train-large --no-race` (with --quick and the size overrides given,
+    e.g. --large-steps 2), whose JSON is read back. Contenders that need torch say "skipped: torch not installed" where it is missing.
 """
 
 from __future__ import annotations
@@ -123,6 +123,15 @@ def child(words: list[str]) -> None:
 # --- the comparison ----------------------------------------------------------------------------
 
 
+def forwarded_sizes(args) -> list[str]:
+    """The size overrides given for the benchmarks run on each interpreter (--large-steps 2 ...)."""
+    words = []
+    for key, value in sorted(vars(args).items()):
+        if key.startswith("size_") and value is not None and not key.startswith("size_pythons"):
+            words += ["--" + key[len("size_"):].replace("_", "-"), str(value)]
+    return words
+
+
 def run(sz: dict, args) -> dict:
     found = interpreters(args.pythons)
     out = {"benchmarks": list(BENCHES), "pythons": []}
@@ -138,7 +147,7 @@ def run(sz: dict, args) -> dict:
             say(f"  Python {version}: {' '.join(BENCHES)}")
             js = os.path.join(tmp, f"{version}.json")
             run_process([path, str(RUN), *BENCHES, "--no-race", "--json", js]
-                        + (["--quick"] if args.quick else [])
+                        + (["--quick"] if args.quick else []) + forwarded_sizes(args)
                         + (["--no-torch"] if args.no_torch else []))
             with open(js, encoding="utf-8") as f:
                 doc = json.load(f)
