@@ -16,10 +16,11 @@ from dataclasses import dataclass, fields
 from .fsutil import brief, brief_names
 
 CHOICES = {
-    "pos": ("learned", "sinusoidal", "none"),
+    "pos": ("learned", "sinusoidal", "none", "rope"),
     "norm": ("rmsnorm", "layernorm"),
     "norm_position": ("pre", "post"),
-    "activation": ("relu", "gelu", "gelu_tanh"),
+    "activation": ("relu", "gelu", "gelu_tanh", "silu"),
+    "mlp": ("plain", "swiglu"),
     "schedule": ("linear", "cosine", "constant"),
     "mode": ("auto", "docs", "stream"),
     "long_docs": ("split", "truncate"),
@@ -59,10 +60,13 @@ def _check_types(obj) -> None:
     """Reject values whose type differs from the field's declared type (bool is not an int here)."""
     for f in fields(obj):
         value = getattr(obj, f.name)
-        want = {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+        want = {"int": int, "float": float, "bool": bool, "str": str,
+                "int | None": int}[f.type]
         if want is float and type(value) is int:  # JSON and CLI users write 1 for 1.0
             value = float(value)
             setattr(obj, f.name, value)
+        if value is None and f.type.endswith("| None"):  # None: the documented automatic value
+            continue
         if type(value) is not want:
             raise ConfigError(
                 f"{type(obj).__name__}.{f.name} must be {f.type}, got {type(value).__name__} "
@@ -104,18 +108,25 @@ class GPTConfig:
     n_layer: int = 1
     n_embd: int = 16  # C
     n_head: int = 4  # head_dim = C // n_head
-    pos: str = "learned"  # learned | sinusoidal (fixed, Vaswani et al.) | none
+    pos: str = "learned"  # learned | sinusoidal (fixed, Vaswani et al.) | none | rope (rotary)
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_affine: bool = False  # learnable gain (and bias, for layernorm) in every norm
     norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (2017 paper)
     emb_norm: bool = True  # normalize the embedding sum before the first block (microgpt)
     final_norm: bool = False  # normalize before lm_head (GPT-2's ln_f)
-    activation: str = "relu"  # relu | gelu (exact, erf) | gelu_tanh (GPT-2's approximation)
+    activation: str = "relu"  # relu | gelu (exact, erf) | gelu_tanh (GPT-2's approximation) | silu
     bias: bool = False  # biases in the attention and MLP linear layers
     tie_embeddings: bool = False  # lm_head shares wte
     init_std: float = 0.08  # weights ~ N(0, init_std)
     scaled_init: bool = False  # GPT-2: attn_wo and mlp_fc2 get init_std / sqrt(2 n_layer)
     norm_eps: float = 1e-5
+    # the modern block (Llama and after); the defaults keep the GPT-2-era block above
+    rope_theta: float = 10000.0  # pos="rope": pair i of a head turns by p * theta^(-2i/hd)
+    mlp: str = "plain"  # plain: fc2 act(fc1 x) | swiglu: fc2 (silu(gate x) * fc1 x)
+    mlp_hidden: int | None = None  # the MLP's hidden width H; None: 4C (plain), Llama's rule
+    mlp_multiple_of: int = 32  # swiglu with mlp_hidden None: H = 8C/3 rounded up to a multiple
+    n_kv_head: int | None = None  # heads of K and V (grouped-query attention); None: n_head
+    qk_norm: bool = False  # RMSNorm with a gain (hd,) on each head's q and k before the scores
 
     def __post_init__(self):
         _check_types(self)
@@ -131,6 +142,54 @@ class GPTConfig:
                               f"n_head ({brief(self.n_head)})")
         if self.init_std < 0 or self.norm_eps <= 0:
             raise ConfigError("GPTConfig.init_std must be >= 0 and norm_eps > 0")
+        self._check_modern()
+
+    def _check_modern(self) -> None:
+        """The switches of the modern block: each refusal names the flag that fixes it."""
+        for name in ("mlp_hidden", "n_kv_head"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"GPTConfig.{name} must be >= 1 (or null: automatic), got "
+                                  f"{brief(value)} (--{name.replace('_', '-')})")
+        if self.mlp_multiple_of < 1:
+            raise ConfigError(f"GPTConfig.mlp_multiple_of must be >= 1, got "
+                              f"{brief(self.mlp_multiple_of)} (--mlp-multiple-of)")
+        if self.mlp_hidden is not None and self.mlp_hidden > 4 * MODEL_LIMITS["n_embd"]:
+            raise ConfigError(f"GPTConfig.mlp_hidden must be at most "
+                              f"{4 * MODEL_LIMITS['n_embd']:,}, got {brief(self.mlp_hidden)} "
+                              f"(--mlp-hidden)")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta} "
+                              f"(--rope-theta)")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"GPTConfig.n_head ({self.n_head}) must be divisible by "
+                              f"n_kv_head ({brief(self.n_kv_head)}): each K/V head serves a "
+                              f"group of query heads (--n-kv-head)")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"GPTConfig.pos='rope' turns pairs of channels, so the head "
+                              f"dimension must be even; n_embd / n_head = {self.head_dim} "
+                              f"(change --n-embd or --n-head, or --pos)")
+        if self.mlp == "swiglu" and self.activation != "silu":
+            raise ConfigError(f"GPTConfig.mlp='swiglu' gates with SiLU: it needs "
+                              f"activation='silu', got {self.activation!r} (add --activation "
+                              f"silu, or use --mlp plain)")
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of K and V: n_kv_head, or n_head when unset (plain multi-head attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden width H. Unset: 4C for the plain MLP; for SwiGLU Llama's rule,
+        2/3 of 4C (the gate's third matrix keeps the parameter count) rounded up to a
+        multiple of mlp_multiple_of."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "plain":
+            return 4 * self.n_embd
+        m = self.mlp_multiple_of
+        return m * -(-int(2 * 4 * self.n_embd / 3) // m)
 
     @property
     def head_dim(self) -> int:
@@ -211,7 +270,10 @@ class TrainConfig:
 # that reproduces what those checkpoints were trained with: a stored config that lacks one of
 # these gets that value. Any other missing key is an error: a silently defaulted key would
 # change the model (a gpt2 checkpoint without "activation" would load as ReLU).
-ADDED_MODEL_FIELDS: dict[str, object] = {}
+ADDED_MODEL_FIELDS: dict[str, object] = {
+    "rope_theta": 10000.0, "mlp": "plain", "mlp_hidden": None, "mlp_multiple_of": 32,
+    "n_kv_head": None, "qk_norm": False,  # the modern block (issue 15): all off before it
+}
 ADDED_TRAIN_FIELDS: dict[str, object] = {"data_seed": -1}  # the same rule for TrainConfig
 
 # Training settings that may change when a run is resumed: they shape the optimizer's future or
@@ -246,6 +308,18 @@ PRESETS: dict[str, dict[str, dict]] = {
                       norm="layernorm", norm_affine=True, norm_position="pre", emb_norm=False,
                       final_norm=True, activation="gelu_tanh", bias=True, tie_embeddings=True,
                       init_std=0.02, scaled_init=True),
+        "train": dict(lr=0.003, beta1=0.9, beta2=0.95, schedule="cosine", warmup=50,
+                      weight_decay=0.1, grad_clip=1.0, batch_size=16, min_lr_frac=0.1),
+    },
+    # The Llama block (Llama 2/3, and Qwen, Mistral, SmolLM without their extras): RoPE, RMSNorm
+    # with a gain before each sub-block and at the end, a SwiGLU MLP, grouped-query attention
+    # (2 K/V heads for 4 query heads), no biases, an untied head, N(0, 0.02) init; the gpt2
+    # preset's size and recipe, so the two compare directly.
+    "llama": {
+        "model": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=32, pos="rope",
+                      norm="rmsnorm", norm_affine=True, norm_position="pre", emb_norm=False,
+                      final_norm=True, mlp="swiglu", activation="silu", bias=False,
+                      tie_embeddings=False, init_std=0.02),
         "train": dict(lr=0.003, beta1=0.9, beta2=0.95, schedule="cosine", warmup=50,
                       weight_decay=0.1, grad_clip=1.0, batch_size=16, min_lr_frac=0.1),
     },

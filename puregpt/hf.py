@@ -44,7 +44,7 @@ import shutil
 import sys
 from array import array
 
-from .checkpoint import Checkpoint, CheckpointError, read_header, read_tensor
+from .checkpoint import Checkpoint, CheckpointError, read_header, read_tensor, read_tensor_array
 from .config import MODEL_LIMITS, ConfigError, GPTConfig
 from .fsutil import (InputError, atomic_write, brief, brief_names, fsync_dir, open_regular,
                      parse_json, read_limited)
@@ -74,7 +74,12 @@ _GPT2_SHAPE = {
     "emb_norm": (False, "GPT-2 has no norm after the embeddings", "--no-emb-norm"),
     "final_norm": (True, "GPT-2 ends with a LayerNorm (ln_f)", "--final-norm"),
     "bias": (True, "GPT-2's attention and MLP layers have biases", "--bias"),
+    "mlp": ("plain", "GPT-2's MLP is c_proj act(c_fc x), not gated", "--mlp plain"),
+    "mlp_hidden": (None, "GPT-2's MLP is 4 n_embd wide", "no --mlp-hidden"),
+    "n_kv_head": (None, "GPT-2 has as many K/V heads as query heads", "no --n-kv-head"),
+    "qk_norm": (False, "GPT-2 does not normalize q and k", "--no-qk-norm"),
 }
+_GPT2_ACTIVATION_FLAG = "--activation gelu_tanh"
 
 
 # --- the layout --------------------------------------------------------------------------------
@@ -88,6 +93,9 @@ def gpt2_incompatibilities(config: GPTConfig) -> list[str]:
         have = getattr(config, name)
         if have != want:
             out.append(f"{name}={have!r}: {why} (use {flag})")
+    if config.activation not in ACTIVATION_TO_HF:
+        out.append(f"activation={config.activation!r}: puregpt exports GPT-2 with "
+                   f"{', '.join(ACTIVATION_TO_HF)} (use {_GPT2_ACTIVATION_FLAG})")
     return out
 
 
@@ -170,6 +178,7 @@ def _check_exportable(ckpt: Checkpoint, dtype: str) -> None:
     if problems:
         flags = [flag for name, (want, _, flag) in _GPT2_SHAPE.items()
                  if getattr(config, name) != want]
+        flags += [_GPT2_ACTIVATION_FLAG] if config.activation not in ACTIVATION_TO_HF else []
         raise ConfigError(
             "cannot export to Hugging Face GPT-2: this model has option(s) GPT-2 cannot "
             "express:\n  " + "\n  ".join(problems) + "\nTrain a compatible model with "
@@ -648,9 +657,12 @@ def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokeni
     return CharTokenizer(chars)
 
 
-def _read_weights(path: str, config: GPTConfig) -> dict:
+def _read_weights(path: str, config: GPTConfig, rows: str = "list") -> dict:
     """puregpt's parameters from a GPT-2 model.safetensors, one tensor at a time (seek + read),
-    each converted straight into puregpt's layout."""
+    each converted straight into puregpt's layout. rows="array": matrices keep array rows of
+    the file's precision (transposed by array slicing, no float object made: what makes
+    `puregpt import-hf` of a GPT-2 fast); vectors are lists either way."""
+    read = read_tensor if rows == "list" else read_tensor_array
     f, size = _open_weights(path)
     with f:
         header, data_start = read_header(f, path, size)
@@ -690,11 +702,13 @@ def _read_weights(path: str, config: GPTConfig) -> dict:
             raise CheckpointError(f"{path}: {too_big.removesuffix(': ')}")
         params = {}
         for name, shape, how, names in layout:
-            values = read_tensor(f, tensors[name][1], data_start, path, tensors[name][0])
+            values = read(f, tensors[name][1], data_start, path, tensors[name][0])
+            if len(shape) == 1:
+                values = list(values)
             params.update(_from_hf(how, values, shape, names, config))
         if "lm_head.weight" in tensors and config.tie_embeddings:
             name = tensors["lm_head.weight"][0]
-            head = read_tensor(f, tensors["lm_head.weight"][1], data_start, path, name)
+            head = read(f, tensors["lm_head.weight"][1], data_start, path, name)
             C = config.n_embd
             if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
                 raise CheckpointError(
@@ -731,7 +745,7 @@ def _more(items: list, shown: int) -> str:
     return f"\n  and {len(items) - shown} more" if len(items) > shown else ""
 
 
-def import_hf(hf_dir) -> Checkpoint:
+def import_hf(hf_dir, rows: str = "list") -> Checkpoint:
     """Read a Hugging Face GPT-2 directory (config.json, model.safetensors in F64/F32/F16/BF16,
     and vocab.json + merges.txt or a tokenizer.json: GPT-2's byte-level BPE, or a character
     vocabulary written by export_hf) into a puregpt checkpoint of the gpt2 shape.
@@ -742,6 +756,8 @@ def import_hf(hf_dir) -> Checkpoint:
     (tie_embeddings=False). Every problem raises CheckpointError naming the file, key or tensor.
     The checkpoint's trainer metadata gives the mode `puregpt sample` and `score` use: "stream"
     (continuous text) unless config.json's "puregpt" section, written by export_hf, says "docs".
+    rows: "list" (rows of floats, for training) or "array" (array rows as the file holds them,
+    for saving straight away: save_checkpoint keeps float32 data as F32).
     """
     hf_dir = os.fspath(hf_dir)
     if not os.path.isdir(hf_dir):
@@ -769,7 +785,7 @@ def import_hf(hf_dir) -> Checkpoint:
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json says vocab_size={config.vocab_size}")
-    params = _read_weights(weights_path, config)
+    params = _read_weights(weights_path, config, rows)
     mode = extra.get("mode") if extra.get("mode") in ("docs", "stream") else "stream"
     return Checkpoint(config, tokenizer, params, step=0,
                       trainer={"mode": mode, "imported_from": os.path.abspath(hf_dir)})

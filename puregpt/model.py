@@ -1,19 +1,24 @@
 """The GPT: parameters, the forward pass over whole sequences, and its backward pass.
 
-    x = wte[token] + pos[position]             (pos: learned wpe, fixed sinusoidal, or none)
+    x = wte[token] + pos[position]             (pos: learned wpe, fixed sinusoidal, or none;
+                                                rope adds nothing here: it turns q and k)
     x = norm(x)                                (emb_norm, microgpt)
     per layer, pre-norm:   x = x + attn(norm(x));   x = x + mlp(norm(x))
                post-norm:  x = norm(x + attn(x));   x = norm(x + mlp(x))
     x = norm(x)                                (final_norm, GPT-2's ln_f)
     logits = x lm_head^T                       (lm_head is wte when tie_embeddings)
 
-attn(x) = concat over heads of causal softmax(q k^T / sqrt(hd)) v, projected by attn_wo;
-mlp(x) = mlp_fc2 act(mlp_fc1 x). `backward` walks `forward` in reverse.
+attn(x) = concat over heads of causal softmax(q k^T / sqrt(hd)) v, projected by attn_wo; K and
+V have n_kv_head heads, each shared by n_head / n_kv_head query heads (grouped-query attention);
+qk_norm RMS-normalizes each head of q and k, then rope rotates them by position.
+mlp(x) = mlp_fc2 act(mlp_fc1 x), or with mlp="swiglu" mlp_fc2 (silu(mlp_gate x) * mlp_fc1 x).
+`backward` walks `forward` in reverse.
 
 Parameters are a dict name -> tensor (a matrix is a list of rows [out][in]; a vector a list).
-Names: wte, wpe, lm_head, layer{l}.attn_wq/wk/wv/wo, layer{l}.mlp_fc1/fc2; a linear layer's
-bias is its weight's name + "_b"; a norm's gain and bias are its name + "_g" / "_b"
-(emb_norm, layer{l}.attn_norm, layer{l}.mlp_norm, final_norm).
+Names: wte, wpe, lm_head, layer{l}.attn_wq/wk/wv/wo, layer{l}.mlp_fc1/fc2 (and mlp_gate for
+SwiGLU); a linear layer's bias is its weight's name + "_b"; a norm's gain and bias are its name +
+"_g" / "_b" (emb_norm, layer{l}.attn_norm, layer{l}.mlp_norm, final_norm; with qk_norm the
+per-head gains layer{l}.attn_q_norm_g and layer{l}.attn_k_norm_g, shape (hd,)).
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ def num_params_of(config: GPTConfig) -> int:
     n += config.block_size * C if config.pos == "learned" else 0  # wpe
     n += 0 if config.tie_embeddings else V * C  # lm_head
     n += norm if config.emb_norm else 0
-    per_layer = 2 * norm + 4 * C * C + 2 * 4 * C * C  # two norms, Q K V O, the MLP
-    per_layer += 9 * C if config.bias else 0  # 4 attention biases (C), fc1's (4C), fc2's (C)
+    H, kv = config.hidden, config.kv_heads * config.head_dim  # MLP width, K/V width
+    n_mlp = 3 if config.mlp == "swiglu" else 2  # matrices (H, C) or (C, H): gate, up, down
+    per_layer = 2 * norm + 2 * C * C + 2 * kv * C + n_mlp * H * C  # two norms, Q K V O, MLP
+    per_layer += 2 * config.head_dim if config.qk_norm else 0  # the q and k gains
+    per_layer += 2 * C + 2 * kv + (n_mlp - 1) * H + C if config.bias else 0  # their biases
     n += L * per_layer
     n += norm if config.final_norm else 0
     return n
@@ -72,18 +80,22 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
     if config.emb_norm:
         add_norm("emb_norm")
+    H, kv = config.hidden, config.kv_heads * config.head_dim  # MLP width, K/V width
+    attn_rows = {"attn_wq": C, "attn_wk": kv, "attn_wv": kv, "attn_wo": C}
+    mlp_rows = {"mlp_gate": H} if config.mlp == "swiglu" else {}
+    mlp_rows.update(mlp_fc1=H, mlp_fc2=C)  # gate, up, down (Llama's order)
     for l in range(L):
         p = f"layer{l}."
         add_norm(p + "attn_norm")
-        for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo"):
-            shapes[p + w] = (C, C)
-        shapes[p + "mlp_fc1"] = (4 * C, C)
-        shapes[p + "mlp_fc2"] = (C, 4 * C)
+        for w, rows in attn_rows.items():
+            shapes[p + w] = (rows, C)
+        if config.qk_norm:
+            shapes[p + "attn_q_norm_g"] = shapes[p + "attn_k_norm_g"] = (config.head_dim,)
+        for w, rows in mlp_rows.items():
+            shapes[p + w] = (rows, H if w == "mlp_fc2" else C)
         if config.bias:
-            for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo"):
-                shapes[p + w + "_b"] = (C,)
-            shapes[p + "mlp_fc1_b"] = (4 * C,)
-            shapes[p + "mlp_fc2_b"] = (C,)
+            for w, rows in {**attn_rows, **mlp_rows}.items():
+                shapes[p + w + "_b"] = (rows,)
         add_norm(p + "mlp_norm")
     if config.final_norm:
         add_norm("final_norm")
@@ -116,7 +128,7 @@ def zeros_like(params: dict) -> dict:
 
 
 def num_params(params: dict) -> int:
-    return sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1) for t in params.values())
+    return sum(len(t) * (1 if isinstance(t[0], float) else len(t[0])) for t in params.values())
 
 
 @lru_cache(maxsize=8)
@@ -124,8 +136,15 @@ def _sinusoidal(block_size: int, C: int):
     return tuple(tuple(row) for row in ops.sinusoidal_table(block_size, C))
 
 
+@lru_cache(maxsize=8)
+def rope_table(block_size: int, hd: int, theta: float):
+    """cos and sin of every position's angles (block_size, hd/2), made once per shape."""
+    return tuple(tuple(tuple(row) for row in t) for t in ops.rope_table(block_size, hd, theta))
+
+
 def position_table(params: dict, config: GPTConfig):
-    """The rows added to token embeddings: learned wpe, the fixed sinusoids, or None."""
+    """The rows added to token embeddings: learned wpe, the fixed sinusoids, or None (also for
+    rope, which turns q and k in attention instead)."""
     if config.pos == "learned":
         return params["wpe"]
     if config.pos == "sinusoidal":
@@ -147,7 +166,8 @@ def linear_layers(config: GPTConfig) -> list[str]:
     names = [lm_head_name(config)]
     for l in reversed(range(config.n_layer)):
         p = f"layer{l}."
-        names += [p + "mlp_fc2", p + "mlp_fc1", p + "attn_wo", p + "attn_qkv"]
+        names += [p + "mlp_fc2", p + "mlp_fc1"] + ([p + "mlp_gate"] if config.mlp == "swiglu"
+                                                   else []) + [p + "attn_wo", p + "attn_qkv"]
     return names
 
 
@@ -176,8 +196,8 @@ def norm_backward(dY, cache, grads, name, config):
 
 
 def _qkv(tensors, p):
-    """Q, K and V's weight matrices (or their gradients) stacked: one (3C, C) linear layer, as
-    GPT-2 stores them (c_attn). The stacked list holds the original rows, so gradients
+    """Q, K and V's weight matrices (or their gradients) stacked: one (C + 2 kv, C) linear
+    layer (kv = n_kv_head * hd; 3C without grouping, as GPT-2 stores them in c_attn). The stacked list holds the original rows, so gradients
     accumulated into it land in each matrix's own buffers."""
     parts = [tensors.get(w) for w in layer_tensors(p + "attn_qkv")]
     return None if parts[0] is None else parts[0] + parts[1] + parts[2]
@@ -189,42 +209,66 @@ def _qkv_bias(tensors, p):
     return None if parts[0] is None else parts[0] + parts[1] + parts[2]
 
 
-def attn_forward(X, params, p, config, lengths, kv=None):
-    """Causal self-attention over the sequences laid end to end in X (lengths says where).
+def attn_forward(X, params, p, config, lengths, kv=None, positions=None):
+    """Causal self-attention over the sequences laid end to end in X (lengths says where;
+    positions: each row's position, which rope turns q and k by).
 
-    With kv = [K rows, V rows] (decoding, one sequence), the new keys and values are appended to
-    the cache and the queries attend to everything cached so far.
+    With kv = [K rows, V rows] (decoding, one sequence), the new keys and values (n_kv_head
+    heads, already normalized and rotated by their absolute position) are appended to the cache
+    and the queries attend to everything cached so far.
     """
-    C = config.n_embd
+    C, kvd = config.n_embd, config.kv_heads * config.head_dim
     # one product for Q, K and V: three times fewer calls, each row of X prepared once
-    QKV, c_qkv = ops.linear_forward(X, _qkv(params, p), _qkv_bias(params, p))  # (N, 3C)
-    Q, K, Vv = ([row[i * C:(i + 1) * C] for row in QKV] for i in range(3))  # each (N, C)
+    QKV, c_qkv = ops.linear_forward(X, _qkv(params, p), _qkv_bias(params, p))  # (N, C + 2kvd)
+    Q = [row[:C] for row in QKV]  # (N, C)
+    K = [row[C:C + kvd] for row in QKV]  # (N, kvd)
+    Vv = [row[C + kvd:] for row in QKV]  # (N, kvd)
+    c_rows = {}  # the row-wise steps on q and k: QK-norm, then the rotation
+    if config.qk_norm:
+        Q, c_rows["q_norm"] = ops.head_rmsnorm_forward(Q, config.n_head, params[p + "attn_q_norm_g"],
+                                                       config.norm_eps)
+        K, c_rows["k_norm"] = ops.head_rmsnorm_forward(K, config.kv_heads,
+                                                       params[p + "attn_k_norm_g"],
+                                                       config.norm_eps)
+    if config.pos == "rope":
+        cos, sin = rope_table(config.block_size, config.head_dim, config.rope_theta)
+        Q, c_rows["q_rope"] = ops.rope_forward(Q, positions, config.n_head, cos, sin)
+        K, c_rows["k_rope"] = ops.rope_forward(K, positions, config.kv_heads, cos, sin)
     out, c_heads, start = [], [], 0
     if kv is not None:
         kv[0].extend(K)
         kv[1].extend(Vv)
-        out, c = ops.attention_forward(Q, kv[0], kv[1], config.n_head)
+        out, c = ops.attention_forward(Q, kv[0], kv[1], config.n_head, config.kv_heads)
         c_heads.append(c)
     else:
         for T in lengths:  # attention never crosses from one sequence into another
             o, c = ops.attention_forward(Q[start:start + T], K[start:start + T],
-                                         Vv[start:start + T], config.n_head)
+                                         Vv[start:start + T], config.n_head, config.kv_heads)
             out += o
             c_heads.append(c)
             start += T
     Y, co = ops.linear_forward(out, params[p + "attn_wo"], params.get(p + "attn_wo_b"))
-    return Y, (c_qkv, c_heads, co)
+    return Y, (c_qkv, c_heads, co, c_rows)
 
 
 def attn_backward(dY, cache, grads, p, defer=None):
-    c_qkv, c_heads, co = cache
+    c_qkv, c_heads, co, c_rows = cache
     dout = linear_backward(dY, co, grads, p + "attn_wo", defer)
-    dQKV, start = [], 0
+    dQ, dK, dV, start = [], [], [], 0
     for c in c_heads:
         T = len(c[0])
         dq, dk, dv = ops.attention_backward(dout[start:start + T], c)
-        dQKV += [q + k + v for q, k, v in zip(dq, dk, dv)]  # (T, 3C), as the stacked layer
+        dQ += dq
+        dK += dk
+        dV += dv
         start += T
+    if "q_rope" in c_rows:  # the forward's row-wise steps, in reverse
+        dQ = ops.rope_backward(dQ, c_rows["q_rope"])
+        dK = ops.rope_backward(dK, c_rows["k_rope"])
+    if "q_norm" in c_rows:
+        dQ = ops.head_rmsnorm_backward(dQ, c_rows["q_norm"], grads[p + "attn_q_norm_g"])
+        dK = ops.head_rmsnorm_backward(dK, c_rows["k_norm"], grads[p + "attn_k_norm_g"])
+    dQKV = [q + k + v for q, k, v in zip(dQ, dK, dV)]  # (N, C + 2kvd), as the stacked layer
     return linear_backward(dQKV, c_qkv, grads, p + "attn_qkv", defer)
 
 
@@ -234,13 +278,16 @@ def linear_param_grads(name, dY, X, grads):
     if not name.endswith("attn_qkv"):
         ops.linear_param_grads(dY, X, grads[name], grads.get(name + "_b"))
         return
-    p, C = name[:-len("attn_qkv")], len(X[0])
+    p = name[:-len("attn_qkv")]
     # stacked bias vectors are copies (floats, not rows), so their gradient gets its own buffer
-    dbias = None if p + "attn_wq_b" not in grads else [0.0] * (3 * C)
+    dbias = None if p + "attn_wq_b" not in grads else [0.0] * len(dY[0])
     ops.linear_param_grads(dY, X, _qkv(grads, p), dbias)
     if dbias is not None:
-        for i, w in enumerate(layer_tensors(name)):
-            ops.add_into(grads[w + "_b"], dbias[i * C:(i + 1) * C])
+        start = 0
+        for w in layer_tensors(name):  # Q's C entries, then K's and V's (kv each)
+            n = len(grads[w + "_b"])
+            ops.add_into(grads[w + "_b"], dbias[start:start + n])
+            start += n
 
 
 def linear_backward(dY, cache, grads, name, defer=None):
@@ -255,32 +302,42 @@ def linear_backward(dY, cache, grads, name, defer=None):
 
 
 def mlp_forward(X, params, p, config):
-    act_forward = ops.ACTIVATIONS[config.activation][0]
-    H, c1 = ops.linear_forward(X, params[p + "mlp_fc1"], params.get(p + "mlp_fc1_b"))  # (N, 4C)
-    A, ca = act_forward(H)
+    """plain: fc2 act(fc1 x);  swiglu: fc2 (act(gate x) * fc1 x), act = silu."""
+    H, c1 = ops.linear_forward(X, params[p + "mlp_fc1"], params.get(p + "mlp_fc1_b"))  # (N, H)
+    if config.mlp == "swiglu":
+        G, cg = ops.linear_forward(X, params[p + "mlp_gate"], params.get(p + "mlp_gate_b"))
+        A, ca = ops.gated_forward(G, H, config.activation)
+        c1 = (c1, cg)
+    else:
+        A, ca = ops.ACTIVATIONS[config.activation][0](H)
     Y, c2 = ops.linear_forward(A, params[p + "mlp_fc2"], params.get(p + "mlp_fc2_b"))  # (N, C)
     return Y, (c1, ca, c2)
 
 
 def mlp_backward(dY, cache, grads, p, config, defer=None):
-    act_backward = ops.ACTIVATIONS[config.activation][1]
     c1, ca, c2 = cache
     dA = linear_backward(dY, c2, grads, p + "mlp_fc2", defer)
-    dH = act_backward(dA, ca)
-    return linear_backward(dH, c1, grads, p + "mlp_fc1", defer)
+    if config.mlp == "plain":
+        dH = ops.ACTIVATIONS[config.activation][1](dA, ca)
+        return linear_backward(dH, c1, grads, p + "mlp_fc1", defer)
+    (c1, cg), (dG, dH) = c1, ops.gated_backward(dA, ca)
+    dX = linear_backward(dH, c1, grads, p + "mlp_fc1", defer)  # the order of linear_layers
+    ops.add_into_rows(dX, linear_backward(dG, cg, grads, p + "mlp_gate", defer))
+    return dX
 
 
 # --- one transformer block ---------------------------------------------------------------------
 
 
-def block_forward(x, params, l, config, lengths, kv=None, trace=None):
+def block_forward(x, params, l, config, lengths, kv=None, trace=None, positions=None):
     """trace (a dict, or None): receives each sub-block's output ("layer{l}.attn", ".mlp") and
-    the residual stream after it ("layer{l}.resid_attn", ".resid_mlp")."""
+    the residual stream after it ("layer{l}.resid_attn", ".resid_mlp"). positions: each row's
+    position (used by rope)."""
     p = f"layer{l}."
     cache = {}
     if config.norm_position == "pre":
         h, cache["attn_norm"] = norm_forward(x, params, p + "attn_norm", config)
-        a, cache["attn"] = attn_forward(h, params, p, config, lengths, kv)
+        a, cache["attn"] = attn_forward(h, params, p, config, lengths, kv, positions)
         x = ops.add_rows(x, a)
         _trace(trace, p, "attn", a, x)
         h, cache["mlp_norm"] = norm_forward(x, params, p + "mlp_norm", config)
@@ -288,7 +345,7 @@ def block_forward(x, params, l, config, lengths, kv=None, trace=None):
         x = ops.add_rows(x, m)
         _trace(trace, p, "mlp", m, x)
     else:
-        a, cache["attn"] = attn_forward(x, params, p, config, lengths, kv)
+        a, cache["attn"] = attn_forward(x, params, p, config, lengths, kv, positions)
         x, cache["attn_norm"] = norm_forward(ops.add_rows(x, a), params, p + "attn_norm", config)
         _trace(trace, p, "attn", a, x)
         m, cache["mlp"] = mlp_forward(x, params, p, config)
@@ -352,7 +409,7 @@ def forward(params: dict, config: GPTConfig, inputs: list[list[int]], kv=None, s
         trace["embed"] = x
     for l in range(config.n_layer):
         x, cache[f"layer{l}"] = block_forward(x, params, l, config, lengths,
-                                              None if kv is None else kv[l], trace)
+                                              None if kv is None else kv[l], trace, positions)
     if config.final_norm:
         x, cache["final_norm"] = norm_forward(x, params, "final_norm", config)
     if trace is not None:
@@ -407,5 +464,6 @@ def attention_weights(cache: dict, l: int) -> list:
 
 
 def new_kv_cache(config: GPTConfig) -> list:
-    """Per layer [keys, values]: the rows of every position decoded so far."""
+    """Per layer [keys, values]: the rows (n_kv_head * hd) of every position decoded so far,
+    keys as attention reads them (after QK-norm and the rotation of their position)."""
     return [[[], []] for _ in range(config.n_layer)]

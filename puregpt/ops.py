@@ -14,7 +14,7 @@ channels (n_embd), V vocabulary, hd = head_dim = C / n_head.
 from __future__ import annotations
 
 import math
-from itertools import repeat, starmap
+from itertools import chain, repeat, starmap
 from operator import add, mul
 
 # --- the one product every layer uses: matmul(A, B) = A B^T -----------------------------------
@@ -321,11 +321,132 @@ def gelu_tanh_backward(dY, X):
     return out
 
 
+def _sigmoid(x):
+    """1 / (1 + e^-x), never overflowing: for x < 0 the same value as e^x / (1 + e^x)."""
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def silu_forward(X):
+    """SiLU (swish): x sigmoid(x), the gate of Llama's MLP."""
+    return [[x * _sigmoid(x) for x in row] for row in X], X
+
+
+def silu_backward(dY, X):
+    """d/dx x s(x) = s + x s (1 - s), with s = sigmoid(x) and s' = s (1 - s)."""
+    out = []
+    for dy, row in zip(dY, X):
+        drow = []
+        for g, x in zip(dy, row):
+            s = _sigmoid(x)
+            drow.append(g * s * (1.0 + x * (1.0 - s)))
+        out.append(drow)
+    return out
+
+
 ACTIVATIONS = {
     "relu": (relu_forward, relu_backward),
     "gelu": (gelu_forward, gelu_backward),
     "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward),
+    "silu": (silu_forward, silu_backward),
 }
+
+
+# --- the gated MLP's product: act(G) * U (SwiGLU with act = silu) -------------------------------
+
+
+def gated_forward(G, U, act="silu"):
+    """Y = act(G) * U entry by entry; G (the gate) and U (up) are (N, H). SwiGLU is act = silu
+    (Shazeer 2020; Llama's MLP is down(silu(gate x) * up x))."""
+    A, ca = ACTIVATIONS[act][0](G)
+    return [list(map(mul, a, u)) for a, u in zip(A, U)], (A, ca, U, act)
+
+
+def gated_backward(dY, cache):
+    """Product rule: dU = dY * act(G);  dG = act'(G) (dY * U), act' applied by its backward."""
+    A, ca, U, act = cache
+    dU = [list(map(mul, dy, a)) for dy, a in zip(dY, A)]
+    dG = ACTIVATIONS[act][1]([list(map(mul, dy, u)) for dy, u in zip(dY, U)], ca)
+    return dG, dU
+
+
+# --- rotary position embeddings (RoPE, Su et al. 2021) -----------------------------------------
+
+
+def rope_table(block_size, hd, theta=10000.0):
+    """cos and sin (block_size, hd/2) of the angles p * theta^(-2i/hd): pair i of a head (channels
+    i and i + hd/2, the "rotate_half" layout of transformers' Llama) turns by angle p * f_i."""
+    inv_freq = [1.0 / theta ** (2 * i / hd) for i in range(hd // 2)]
+    cos = [[math.cos(p * f) for f in inv_freq] for p in range(block_size)]
+    sin = [[math.sin(p * f) for f in inv_freq] for p in range(block_size)]
+    return cos, sin
+
+
+def rope_forward(X, positions, n_heads, cos, sin):
+    """Each head of X (N, n_heads*hd) rotated by its row's position: with x1 = the head's first
+    half, x2 = its second half, c = cos[p], s = sin[p] (all hd/2 long):
+        y1 = x1 c - x2 s,   y2 = x2 c + x1 s
+    (= x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1)). No parameters."""
+    hd = len(X[0]) // n_heads
+    half = hd // 2
+    Y = []
+    for x, p in zip(X, positions):
+        c, s = cos[p], sin[p]
+        y = []
+        for lo in range(0, len(x), hd):
+            x1, x2 = x[lo:lo + half], x[lo + half:lo + hd]
+            y += [a * ci - b * si for a, b, ci, si in zip(x1, x2, c, s)]
+            y += [b * ci + a * si for a, b, ci, si in zip(x1, x2, c, s)]
+        Y.append(y)
+    return Y, (positions, n_heads, cos, sin)
+
+
+def rope_backward(dY, cache):
+    """A rotation's Jacobian is the rotation; its transpose turns back by the same angle:
+        dx1 = dy1 c + dy2 s,   dx2 = dy2 c - dy1 s."""
+    positions, n_heads, cos, sin = cache
+    hd = len(dY[0]) // n_heads
+    half = hd // 2
+    dX = []
+    for dy, p in zip(dY, positions):
+        c, s = cos[p], sin[p]
+        dx = []
+        for lo in range(0, len(dy), hd):
+            d1, d2 = dy[lo:lo + half], dy[lo + half:lo + hd]
+            dx += [a * ci + b * si for a, b, ci, si in zip(d1, d2, c, s)]
+            dx += [b * ci - a * si for a, b, ci, si in zip(d1, d2, c, s)]
+        dX.append(dx)
+    return dX
+
+
+# --- QK-norm: RMSNorm over each head of q or k ---------------------------------------------------
+
+
+def head_rmsnorm_forward(X, n_heads, gain, eps=1e-5):
+    """X (N, n_heads*hd): each head's hd channels RMS-normalized on their own, times one gain
+    (hd,) shared by the heads (QK-norm, as OLMo 2 and Qwen 3). rmsnorm_forward over the
+    (N*n_heads, hd) rows."""
+    hd = len(X[0]) // n_heads
+    rows = [x[lo:lo + hd] for x in X for lo in range(0, len(x), hd)]  # (N * n_heads, hd)
+    Y, cache = rmsnorm_forward(rows, gain, eps)
+    return _join_heads(Y, n_heads), (cache, n_heads)
+
+
+def head_rmsnorm_backward(dY, cache, dgain=None):
+    """rmsnorm_backward over the same (N*n_heads, hd) rows: the gain's gradient sums over every
+    position and every head."""
+    rcache, n_heads = cache
+    hd = len(dY[0]) // n_heads
+    rows = [d[lo:lo + hd] for d in dY for lo in range(0, len(d), hd)]
+    dX = rmsnorm_backward(rows, rcache, dgain)
+    return _join_heads(dX, n_heads)
+
+
+def _join_heads(rows, n_heads):
+    """(N*n_heads, hd) rows back to (N, n_heads*hd): each position's heads side by side."""
+    return [list(chain.from_iterable(rows[i:i + n_heads])) for i in range(0, len(rows), n_heads)]
 
 
 # --- softmax -----------------------------------------------------------------------------------
@@ -343,59 +464,69 @@ def softmax(z):
 # --- causal self-attention over one sequence ---------------------------------------------------
 
 
-def attention_forward(Q, K, V, n_head):
-    """Multi-head causal attention for one sequence.
+def attention_forward(Q, K, V, n_head, n_kv_head=None):
+    """Multi-head causal attention for one sequence, with grouped K/V heads when n_kv_head is
+    given (grouped-query attention; n_kv_head = 1 is multi-query attention).
 
-    Q (Tq, C); K, V (Tk, C) with Tk >= Tq: the queries are the *last* Tq positions of the
-    sequence (Tq == Tk in training; Tq == 1 when decoding with a KV cache). Query i sits at
-    position p = Tk - Tq + i and may look at keys 0..p. Per head h (channels h*hd:(h+1)*hd):
+    Q (Tq, C); K, V (Tk, n_kv_head*hd) with Tk >= Tq: the queries are the *last* Tq positions of
+    the sequence (Tq == Tk in training; Tq == 1 when decoding with a KV cache). Query i sits at
+    position p = Tk - Tq + i and may look at keys 0..p. Query head h (channels h*hd:(h+1)*hd)
+    reads K/V head j = h // (n_head / n_kv_head) (consecutive query heads share one, as
+    transformers' repeat_kv):
         scores[u] = q . k_u / sqrt(hd) for u <= p   (the causal mask: scores of u > p are
                                                      dropped, exactly as if set to -inf before
                                                      the softmax: their weight is 0)
         a = softmax(scores);  out = sum_u a[u] v_u
-    Returns out (Tq, C) and a cache holding every head's attention weights.
+    Returns out (Tq, C) and a cache holding every query head's attention weights.
     """
+    n_kv_head = n_kv_head or n_head
     Tq, Tk, C = len(Q), len(K), len(Q[0])
     hd = C // n_head
+    group = n_head // n_kv_head  # query heads per K/V head
     scale = 1.0 / math.sqrt(hd)
     offset = Tk - Tq
     out = [[0.0] * C for _ in range(Tq)]
     zeros = [0.0] * Tk
-    weights = []  # per head: Tq rows of Tk weights (zeros past the mask)
-    for h in range(n_head):
-        lo, hi = h * hd, (h + 1) * hd
-        k = [row[lo:hi] for row in K]  # (Tk, hd)
-        vT = transpose([row[lo:hi] for row in V])  # (hd, Tk)
-        A = []
-        for i, row in enumerate(Q):  # query i's scores against keys 0..p only: the triangle
-            p = offset + i
-            A.append(softmax([x * scale for x in dots(row[lo:hi], k[:p + 1])]) + zeros[p + 1:])
-        for row, o in zip(out, matmul(A, vT)):  # out_i = sum_u a[i][u] v_u
-            row[lo:hi] = o
-        weights.append(A)
-    return out, (Q, K, V, n_head, weights)
+    weights = []  # per query head: Tq rows of Tk weights (zeros past the mask)
+    for j in range(n_kv_head):
+        klo, khi = j * hd, (j + 1) * hd
+        k = [row[klo:khi] for row in K]  # (Tk, hd)
+        vT = transpose([row[klo:khi] for row in V])  # (hd, Tk)
+        for h in range(j * group, (j + 1) * group):
+            lo, hi = h * hd, (h + 1) * hd
+            A = []
+            for i, row in enumerate(Q):  # query i's scores against keys 0..p only: the triangle
+                p = offset + i
+                A.append(softmax([x * scale for x in dots(row[lo:hi], k[:p + 1])]) + zeros[p + 1:])
+            for row, o in zip(out, matmul(A, vT)):  # out_i = sum_u a[i][u] v_u
+                row[lo:hi] = o
+            weights.append(A)
+    return out, (Q, K, V, n_head, weights, n_kv_head)
 
 
 def attention_backward(dout, cache):
-    """Gradients of Q, K, V. Per head, with s the scaled scores and a = softmax(s):
+    """Gradients of Q, K, V. Per query head, with s the scaled scores and a = softmax(s):
         da[i][u] = dout_i . v_u          dv_u = sum_i a[i][u] dout_i
         ds[i][u] = a[i][u] (da[i][u] - sum_w a[i][w] da[i][w])     (softmax Jacobian)
         dq_i = scale sum_u ds[i][u] k_u  dk_u = scale sum_i ds[i][u] q_i
-    Masked entries have a = 0, hence ds = 0: no gradient crosses the causal mask.
+    Masked entries have a = 0, hence ds = 0: no gradient crosses the causal mask. A K/V head
+    shared by a group of query heads gets the sum of their dk and dv (it is used once by each).
     """
-    Q, K, V, n_head, weights = cache
+    Q, K, V, n_head, weights, n_kv_head = cache
     Tq, Tk, C = len(Q), len(K), len(Q[0])
     hd = C // n_head
+    group = n_head // n_kv_head
     scale = 1.0 / math.sqrt(hd)
     offset, zeros = Tk - Tq, [0.0] * Tk
     dQ = [[0.0] * C for _ in range(Tq)]
-    dK = [[0.0] * C for _ in range(Tk)]
-    dV = [[0.0] * C for _ in range(Tk)]
+    dK = [[0.0] * len(K[0]) for _ in range(Tk)]
+    dV = [[0.0] * len(V[0]) for _ in range(Tk)]
     for h, A in enumerate(weights):
         lo, hi = h * hd, (h + 1) * hd
+        klo, khi = (h // group) * hd, (h // group + 1) * hd
         q = [row[lo:hi] for row in Q]  # (Tq, hd)
-        k = [row[lo:hi] for row in K]  # (Tk, hd)
-        v = [row[lo:hi] for row in V]  # (Tk, hd)
+        k = [row[klo:khi] for row in K]  # (Tk, hd)
+        v = [row[klo:khi] for row in V]  # (Tk, hd)
         do = [row[lo:hi] for row in dout]  # (Tq, hd)
         dS = []  # (Tq, Tk), scale folded in
         for i, (a, d) in enumerate(zip(A, do)):
@@ -405,10 +536,11 @@ def attention_backward(dout, cache):
             dS.append([ai * (dai - a_da) * scale for ai, dai in zip(a, da)] + zeros[p + 1:])
         doT = transpose(do)  # (hd, Tq)
         for dst, src, right in ((dV, transpose(A), doT),  # dv_u = sum_i a[i][u] dout_i
-                                (dK, transpose(dS), transpose(q)),  # dk_u = sum_i ds[i][u] q_i
-                                (dQ, dS, transpose(k))):  # dq_i = sum_u ds[i][u] k_u
+                                (dK, transpose(dS), transpose(q))):  # dk_u = sum_i ds[i][u] q_i
             for row, g in zip(dst, matmul(src, right)):
-                row[lo:hi] = g
+                row[klo:khi] = map(add, row[klo:khi], g)  # summed over the group's heads
+        for row, g in zip(dQ, matmul(dS, transpose(k))):  # dq_i = sum_u ds[i][u] k_u
+            row[lo:hi] = g
     return dQ, dK, dV
 
 

@@ -17,26 +17,61 @@ import pytest
 from puregpt import model
 from puregpt.config import CHOICES, GPTConfig
 
-# Every architecture switch that changes the math: 3 * 2 * 2 * 3 * 2 * 2 = 144 combinations.
+# Every architecture switch of the GPT-2-era block that changes the math:
+# 3 * 2 * 2 * 3 * 2 * 2 = 144 combinations.
 AXES = {
-    "pos": CHOICES["pos"],
+    "pos": ("learned", "sinusoidal", "none"),
     "norm": CHOICES["norm"],
     "norm_position": CHOICES["norm_position"],
-    "activation": CHOICES["activation"],
+    "activation": ("relu", "gelu", "gelu_tanh"),
     "bias": (False, True),
     "tie_embeddings": (False, True),
 }
 COMBOS = [dict(zip(AXES, values)) for values in itertools.product(*AXES.values())]
-# emb_norm and final_norm ride along: each of their four pairings on exactly a quarter of the
-# combinations, spread by a fixed shuffle so that no pairing sticks to one value of another axis.
-_PAIRS = [(e, f) for e in (False, True) for f in (False, True)] * (len(COMBOS) // 4)
-random.Random(0).shuffle(_PAIRS)
-for _combo, (_e, _f) in zip(COMBOS, _PAIRS):
-    _combo.update(emb_norm=_e, final_norm=_f)
+# The modern block's values (issue 15) on a subset of their own, 2 * 2 * 2 * 2 * 2 = 32
+# combinations: RoPE (and learned positions, so SwiGLU and SiLU meet a non-rotary model too),
+# the SwiGLU MLP or the plain one with SiLU, against every norm, norm position and bias setting.
+MODERN_AXES = {
+    "pos": ("rope", "learned"),
+    "mlp": ("plain", "swiglu"),
+    "norm": CHOICES["norm"],
+    "norm_position": CHOICES["norm_position"],
+    "bias": (False, True),
+}
+MODERN = [dict(zip(MODERN_AXES, values), activation="silu")
+          for values in itertools.product(*MODERN_AXES.values())]
+for _combo in MODERN:
+    _combo["tie_embeddings"] = _combo["pos"] == "learned" and not _combo["bias"] or \
+        _combo["pos"] == "rope" and _combo["bias"]  # half of each position kind tied
+COMBOS += MODERN
+
+
+def _ride_along(combos, names, seed):
+    """Each of the four pairings of two boolean-like settings on exactly a quarter of the
+    combinations, spread by a fixed shuffle so that no pairing sticks to one value of another
+    axis."""
+    pairs = [(a, b) for a in (False, True) for b in (False, True)] * (len(combos) // 4)
+    random.Random(seed).shuffle(pairs)
+    for combo, (a, b) in zip(combos, pairs):
+        combo.update({names[0]: a, names[1]: b})
+
+
+# emb_norm and final_norm ride along over all combinations; grouped K/V (one K/V head for
+# the two query heads: multi-query attention) and QK-norm ride along over all of them too.
+_ride_along(COMBOS[:144], ("emb_norm", "final_norm"), 0)  # the same spread as before
+_ride_along(MODERN, ("emb_norm", "final_norm"), 2)
+_ride_along(COMBOS, ("n_kv_head", "qk_norm"), 1)
+for _combo in COMBOS:
+    _combo["n_kv_head"] = 1 if _combo["n_kv_head"] else None
 
 
 def combo_id(combo: dict) -> str:
-    flags = [name for name in ("bias", "tie_embeddings", "emb_norm", "final_norm") if combo[name]]
+    flags = [name for name in ("bias", "tie_embeddings", "emb_norm", "final_norm", "qk_norm")
+             if combo[name]]
+    if combo.get("mlp", "plain") != "plain":
+        flags.append(combo["mlp"])
+    if combo["n_kv_head"]:
+        flags.append(f"kv{combo['n_kv_head']}")
     return "-".join([combo["pos"], combo["norm"], combo["norm_position"], combo["activation"],
                      *flags])
 

@@ -123,6 +123,34 @@ def test_sample(tmp_path):
     assert r["identical"] is True
     assert r["tokens"] == r["contexts"] * r["new_tokens_per_context"] > 0
     assert positive(r["kv_cache"]["tokens_per_s"], r["naive"]["tokens_per_s"], r["speedup"])
+    m = r["microgpt"]
+    if HAVE_TORCH:  # microgpt-size decoding vs PyTorch eager's KV cache: same tokens asserted
+        assert m["identical"] is True and m["tokens"] == m["contexts"] * 14 > 0
+        assert positive(*m["tokens_per_s"].values(), m["decoder_over_torch"])
+    else:
+        assert m == {"skipped": "torch not installed"}
+
+
+def test_gpt2(tmp_path):
+    """The GPT-2-shape benchmark at a small shape: import-hf, load, decoding in every layout and
+    process count (identical tokens asserted by the benchmark), the memory figures."""
+    r, stdout = run_bench("gpt2", tmp_path)
+    assert r["identical_tokens"] is True and r["params"] > 0
+    assert positive(r["import_hf"]["wall_s"], r["import_hf"]["cpu_s"],
+                    r["import_hf"]["bytes_per_param"])
+    for name in ("one", "two", "compact", "compact_two"):
+        d = r["decode"][name]
+        assert len(d["tokens"]) == r["new_tokens"] == 3
+        assert positive(d["tokens_per_s"], d["tokens_per_cpu_s"], d["ready"]["wall_s"],
+                        d["bytes_per_param"])
+    assert "gpt2 decode" in stdout
+
+
+def test_compare(tmp_path):
+    r, _ = run_bench("compare", tmp_path)
+    assert r["identical"] is True and r["runs"] == 4 and r["target"] == 0.6
+    assert positive(r["jobs1_seconds"], r["jobs2_seconds"])
+    assert r["ratio"] == r["jobs2_seconds"] / r["jobs1_seconds"]
 
 
 def test_memory(tmp_path):
@@ -272,3 +300,15 @@ def test_bad_command_line_is_refused_before_anything_runs(words, message):
     proc = subprocess.run([sys.executable, str(RUN), *words], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def test_explain(tmp_path):
+    r, stdout = run_bench("explain", tmp_path)
+    for key in ("default", "large"):
+        m = r[key]
+        assert m["tokens"] == 16 and positive(m["seconds_per_page"], m["step_seconds"],
+                                              m["page_over_step"], m["page_bytes"])
+        assert m["seconds_per_page"] == min(m["seconds_all"])
+    assert r["default"]["mode"] == "docs" and r["default"]["config"]["n_embd"] == 32
+    assert r["checked"] is True and r["target_seconds"] == 1.0
+    assert isinstance(r["meets_target"], bool) and "### explain: seconds per x-ray page" in stdout

@@ -21,7 +21,7 @@ from helpers_train import float_bits, params_bits, run_cli
 from puregpt import model, optim
 from puregpt.checkpoint import (MAX_WEIGHT, Checkpoint, CheckpointError, load_checkpoint,
                                 safetensors_chunks, save_checkpoint)
-from puregpt.config import GPTConfig, TrainConfig
+from puregpt.config import GPTConfig, TrainConfig, preset
 from puregpt.fsutil import atomic_write
 from puregpt.tokenizer import CharTokenizer
 
@@ -121,6 +121,47 @@ def test_round_trip_of_a_weights_only_checkpoint(tmp_path):
     assert (back.step, back.train_config, back.optimizer, back.rng_state, back.trainer) == \
         (5, None, None, None, {})
     assert params_bits(back.params) == params_bits(ckpt.params)
+
+
+def test_round_trip_of_a_llama_model(tmp_path):
+    """Every field of the modern block survives, and so do its tensors (the gate, K and V of
+    n_kv_head heads, the QK-norm gains); the loaded model computes the same logits."""
+    config = GPTConfig(**{**preset("llama")["model"], "vocab_size": 6, "qk_norm": True,
+                          "rope_theta": 500.0, "mlp_hidden": 40, "n_kv_head": 1})
+    params = model.init_params(config, random.Random(0))
+    assert len(params["layer0.attn_wk"]) == config.head_dim and len(params["layer0.mlp_gate"]) == 40
+    save_checkpoint(tmp_path / "llama.safetensors", Checkpoint(config, TOKENIZER, params, 3))
+    back = load_checkpoint(tmp_path / "llama.safetensors")
+    assert back.config == config and back.config.to_dict() == config.to_dict()
+    assert list(back.params) == list(params) and params_bits(back.params) == params_bits(params)
+    ids = [[5, 0, 1, 2, 3, 4, 0]]
+    assert model.forward(back.params, back.config, ids)[0] == model.forward(params, config, ids)[0]
+
+
+def test_a_checkpoint_from_before_the_modern_block_loads_as_it_was(ckpt_file, tmp_path):
+    """A stored config without the fields of issue 15 (rope_theta, mlp, mlp_hidden,
+    mlp_multiple_of, n_kv_head, qk_norm) gets the values that reproduce it; an unknown key is
+    still refused."""
+    ckpt, path = ckpt_file
+    header, _ = header_of(path.read_bytes())
+    meta = header["__metadata__"]
+    meta.pop("checksum", None)  # older files have none
+    stored = json.loads(meta["config"])
+    added = ["rope_theta", "mlp", "mlp_hidden", "mlp_multiple_of", "n_kv_head", "qk_norm"]
+    for key in added:
+        del stored[key]
+    meta["config"] = json.dumps(stored)
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(with_header(path.read_bytes(), header))
+    back = load_checkpoint(old)
+    assert back.config == CONFIG
+    assert [getattr(back.config, k) for k in added] == [10000.0, "plain", None, 32, None, False]
+    assert params_bits(back.params) == params_bits(ckpt.params)
+    stored["rotary"] = True
+    meta["config"] = json.dumps(stored)
+    old.write_bytes(with_header(path.read_bytes(), header))
+    with pytest.raises(CheckpointError, match="unknown GPTConfig key"):
+        load_checkpoint(old)
 
 
 # --- the real safetensors library --------------------------------------------------------------

@@ -331,3 +331,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(run / "last.safetensors").step == 10
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 10
+
+
+# --- the modern block's flags (issue 15) -------------------------------------------------------
+
+
+def test_modern_block_flags_reach_the_checkpoint(tmp_path):
+    data = names_file(tmp_path, 60)
+    proc = run_cli("train", "--data", data, "--out", tmp_path / "run", "--preset", "llama",
+                   "--n-layer", 1, "--n-embd", 16, "--block-size", 8, "--n-kv-head", 1,
+                   "--qk-norm", "--mlp-hidden", 24, "--rope-theta", 500, "--steps", 2,
+                   "--eval-every", 0, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_checkpoint(tmp_path / "run" / "last.safetensors").config
+    assert (cfg.pos, cfg.mlp, cfg.activation, cfg.n_kv_head, cfg.qk_norm, cfg.mlp_hidden,
+            cfg.rope_theta, cfg.norm_affine, cfg.final_norm, cfg.emb_norm, cfg.tie_embeddings) \
+        == ("rope", "swiglu", "silu", 1, True, 24, 500.0, True, True, False, False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mlp", "swiglu"], "GPTConfig.mlp='swiglu' gates with SiLU: it needs activation='silu', "
+                          "got 'relu' (add --activation silu, or use --mlp plain)"),
+    (["--n-kv-head", "3"], "GPTConfig.n_head (4) must be divisible by n_kv_head (3): each K/V "
+                           "head serves a group of query heads (--n-kv-head)"),
+    (["--n-kv-head", "0"], "GPTConfig.n_kv_head must be >= 1 (or null: automatic), got 0 "
+                           "(--n-kv-head)"),
+    (["--pos", "rope", "--n-embd", "12"], "GPTConfig.pos='rope' turns pairs of channels, so "
+                                          "the head dimension must be even; n_embd / n_head = 3"),
+    (["--rope-theta", "0"], "GPTConfig.rope_theta must be > 0, got 0.0 (--rope-theta)"),
+    (["--mlp-multiple-of", "0"], "GPTConfig.mlp_multiple_of must be >= 1, got 0"),
+    (["--mlp-hidden", "0"], "GPTConfig.mlp_hidden must be >= 1 (or null: automatic), got 0"),
+])
+def test_modern_block_nonsense_is_refused_naming_the_flag(tmp_path, flags, message):
+    proc = run_cli("train", "--data", names_file(tmp_path, 20), "--out", tmp_path / "run",
+                   *flags)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_llama_preset_help_shows_its_defaults():
+    proc = run_cli("train", "--preset", "llama", "--help")
+    text = " ".join(proc.stdout.split())
+    for part in ("--pos {learned,sinusoidal,none,rope}", "(default: rope)",
+                 "--mlp {plain,swiglu}", "(default: swiglu)", "n_head); must divide n_head "
+                 "(default: 2)", "--mlp-hidden MLP_HIDDEN", "(default: auto)",
+                 "--rope-theta ROPE_THETA", "(default: 10000)", "(default: silu)",
+                 "--qk-norm, --no-qk-norm"):
+        assert part in text, part
+
+
+def test_swiglu_hidden_width_is_llamas_rule():
+    """H = int(2 * 4C / 3) rounded up to a multiple of mlp_multiple_of (Llama's reference code);
+    4C for the plain MLP; mlp_hidden when set."""
+    from puregpt.config import GPTConfig
+    swiglu = dict(mlp="swiglu", activation="silu")
+    assert GPTConfig(n_embd=32, **swiglu).hidden == 96  # 85 -> 96
+    assert GPTConfig(n_embd=32, mlp_multiple_of=1, **swiglu).hidden == 85
+    assert GPTConfig(n_embd=4096, n_head=32, mlp_multiple_of=256, **swiglu).hidden == 11008
+    assert GPTConfig(n_embd=32).hidden == 128 and GPTConfig(mlp_hidden=7).hidden == 7
+    assert GPTConfig(n_head=4).kv_heads == 4 and GPTConfig(n_head=4, n_kv_head=2).kv_heads == 2

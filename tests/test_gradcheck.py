@@ -25,7 +25,7 @@ import pytest
 from conftest import COMBOS, combo_id, perturbed_params, random_batch, tiny_config
 
 from puregpt import model, ops
-from puregpt.config import GPTConfig
+from puregpt.config import PRESETS, GPTConfig
 
 H = 1e-4
 FLOOR = 1e-3  # gradients smaller than ~5e-4 are compared in absolute terms (to 1e-9)
@@ -192,6 +192,110 @@ def test_attention(Tq, Tk, n_head):
                       {"Q": Q, "K": K, "V": V}, {"Q": dQ, "K": dK, "V": dV})
 
 
+@pytest.mark.parametrize("n_head, n_kv_head", [(4, 2), (4, 1), (3, 1)])
+@pytest.mark.parametrize("Tq,Tk", [(4, 4), (1, 5), (3, 5)])
+def test_grouped_query_attention(Tq, Tk, n_head, n_kv_head):
+    """K and V of n_kv_head heads (hd = 2), each read by n_head / n_kv_head query heads: their
+    gradients sum over the group."""
+    rng = random.Random(16)
+    hd = 2
+    Q, K = rand_matrix(rng, Tq, n_head * hd, -2, 2), rand_matrix(rng, Tk, n_kv_head * hd, -2, 2)
+    V, R = rand_matrix(rng, Tk, n_kv_head * hd), rand_matrix(rng, Tq, n_head * hd)
+
+    def forward():
+        return ops.attention_forward(Q, K, V, n_head, n_kv_head)
+
+    dQ, dK, dV = ops.attention_backward(R, forward()[1])
+    check_all_entries(lambda: weighted_sum(R)(forward()[0]), {"Q": Q, "K": K, "V": V},
+                      {"Q": dQ, "K": dK, "V": dV})
+
+
+def test_grouped_attention_is_attention_with_repeated_heads():
+    """Grouping is a weight-sharing pattern: attention over K, V with each head repeated for
+    its group (transformers' repeat_kv) gives the same output, and the grouped dK is the sum of
+    the repeated heads' dK."""
+    rng = random.Random(17)
+    n_head, n_kv, hd, T = 4, 2, 3, 5
+    Q, K, V = (rand_matrix(rng, T, w * hd) for w in (n_head, n_kv, n_kv))
+    R = rand_matrix(rng, T, n_head * hd)
+
+    def repeat(M):  # head j becomes heads 2j, 2j + 1
+        return [[x for j in range(n_kv) for _ in range(2) for x in row[j * hd:(j + 1) * hd]]
+                for row in M]
+
+    out, cache = ops.attention_forward(Q, K, V, n_head, n_kv)
+    ref, ref_cache = ops.attention_forward(Q, repeat(K), repeat(V), n_head)
+    assert max(abs(a - b) for ra, rb in zip(out, ref) for a, b in zip(ra, rb)) < 1e-15
+    dK = ops.attention_backward(R, cache)[1]
+    dK_rep = ops.attention_backward(R, ref_cache)[1]
+    summed = [[sum(row[(2 * j + r) * hd + c] for r in range(2)) for j in range(n_kv)
+               for c in range(hd)] for row in dK_rep]
+    assert max(abs(a - b) for ra, rb in zip(dK, summed) for a, b in zip(ra, rb)) < 1e-14
+
+
+@pytest.mark.parametrize("n_heads, hd", [(1, 2), (2, 4), (3, 6)])
+@pytest.mark.parametrize("theta", [10000.0, 7.0])
+def test_rope(n_heads, hd, theta):
+    rng = random.Random(18)
+    positions = [0, 3, 1, 3, 7]  # repeated, out of order, and position 0 (no rotation)
+    X, R = rand_matrix(rng, 5, n_heads * hd, -2, 2), rand_matrix(rng, 5, n_heads * hd)
+    cos, sin = ops.rope_table(8, hd, theta)
+    dX = ops.rope_backward(R, ops.rope_forward(X, positions, n_heads, cos, sin)[1])
+    check_all_entries(lambda: weighted_sum(R)(ops.rope_forward(X, positions, n_heads, cos,
+                                                               sin)[0]), {"X": X}, {"X": dX})
+    # a rotation: every head keeps its length, and position 0 is the identity
+    Y = ops.rope_forward(X, positions, n_heads, cos, sin)[0]
+    for x, y in zip(X, Y):
+        for lo in range(0, n_heads * hd, hd):
+            assert abs(math.hypot(*x[lo:lo + hd]) - math.hypot(*y[lo:lo + hd])) < 1e-14
+    assert Y[0] == X[0]
+
+
+def test_rope_angles_are_the_documented_ones():
+    """Pair i of a head (channels i and i + hd/2) turns by p * theta^(-2i/hd)."""
+    cos, sin = ops.rope_table(6, 8, 100.0)
+    for p in range(6):
+        for i in range(4):
+            angle = p * 100.0 ** (-2 * i / 8)
+            assert abs(cos[p][i] - math.cos(angle)) < 1e-15
+            assert abs(sin[p][i] - math.sin(angle)) < 1e-15
+    x = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # channel 0 turns towards channel 4
+    y = ops.rope_forward([x], [2], 1, cos, sin)[0][0]
+    assert abs(y[0] - math.cos(2.0)) < 1e-15 and abs(y[4] - math.sin(2.0)) < 1e-15
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_gated(act):
+    """act(G) * U: SwiGLU's product (act = silu), here also with another activation."""
+    rng = random.Random(19)
+    G, U = rand_matrix(rng, 3, 6, -4, 4), rand_matrix(rng, 3, 6, -2, 2)
+    R = rand_matrix(rng, 3, 6)
+    dG, dU = ops.gated_backward(R, ops.gated_forward(G, U, act)[1])
+    check_all_entries(lambda: weighted_sum(R)(ops.gated_forward(G, U, act)[0]),
+                      {"G": G, "U": U}, {"G": dG, "U": dU})
+
+
+def test_silu_far_from_zero():
+    """No overflow in the sigmoid at large |x|; silu(x) -> x and -> 0 on either side."""
+    Y = ops.silu_forward([[-800.0, -40.0, 40.0, 800.0]])[0][0]
+    assert Y[0] == 0.0 and abs(Y[1]) < 1e-15 and Y[2] == 40.0 and Y[3] == 800.0
+    dX = ops.silu_backward([[1.0] * 4], [[-800.0, -40.0, 40.0, 800.0]])[0]
+    assert dX[0] == 0.0 and dX[3] == 1.0
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+@pytest.mark.parametrize("n_heads", [1, 3])
+def test_head_rmsnorm(n_heads, eps):
+    """QK-norm: each head's hd = 4 channels normalized alone, one gain (hd,) for all heads."""
+    rng = random.Random(20)
+    X, R = rand_matrix(rng, 3, 4 * n_heads, -2, 2), rand_matrix(rng, 3, 4 * n_heads)
+    g = [rng.uniform(0.5, 1.5) for _ in range(4)]
+    dg = [0.0] * 4
+    dX = ops.head_rmsnorm_backward(R, ops.head_rmsnorm_forward(X, n_heads, g, eps)[1], dg)
+    check_all_entries(lambda: weighted_sum(R)(ops.head_rmsnorm_forward(X, n_heads, g, eps)[0]),
+                      {"X": X, "g": g}, {"X": dX, "g": dg})
+
+
 def test_cross_entropy_with_ignored_targets():
     rng = random.Random(7)
     logits = rand_matrix(rng, 6, 5, -3, 3)
@@ -336,6 +440,19 @@ def test_microgpt_default_every_entry(monkeypatch):
     assert skipped <= 0.005 * model.num_params(params)
 
 
+@pytest.mark.parametrize("overrides", [
+    {},  # the preset at a reduced width: RoPE, SwiGLU (H = 32), 4 query heads on 2 K/V heads
+    {"qk_norm": True, "n_kv_head": 1, "bias": True, "mlp_hidden": 20, "rope_theta": 50.0},
+    {"norm_position": "post", "norm": "layernorm", "tie_embeddings": True, "n_kv_head": 4},
+], ids=["llama", "llama-qk_norm-mqa-bias", "llama-post-layernorm-tied"])
+def test_llama_preset_gradcheck(overrides, monkeypatch):
+    cfg = GPTConfig(**{**PRESETS["llama"]["model"], "vocab_size": 7, "n_embd": 16,
+                       "block_size": 8, "init_std": 0.4, **overrides})
+    worst, where, skipped = tiny_gradcheck(ReluWatch(monkeypatch), cfg, 3)
+    assert worst < RTOL, (worst, where)
+    assert skipped == 0
+
+
 # --- the check itself must be able to fail --------------------------------------------------------
 
 
@@ -355,12 +472,39 @@ def _layernorm_backward_without_centring(dY, cache, dgain=None, dbias=None):
     return [[x + r * sum(dy) / len(dy) for x in dx] for dx, dy, r in zip(dX, dY, rstds)]
 
 
-@pytest.mark.parametrize("bug", ["gelu_backward_off_by_1e-5", "layernorm_without_centring"])
+def _rope_backward_turning_forward(dY, cache):
+    """The rotation itself instead of its transpose: right at position 0 only."""
+    return ops.rope_forward(dY, *cache)[0]
+
+
+def _attention_backward_without_group_sum(dout, cache):
+    """dK and dV from the last query head of each group only (as if overwritten, not summed)."""
+    Q, K, V, n_head, weights, n_kv = cache
+    group = n_head // n_kv
+    dQ = _attention_backward(dout, cache)[0]
+    last_only = [w if h % group == group - 1 else [[0.0] * len(r) for r in w]
+                 for h, w in enumerate(weights)]
+    _, dK, dV = _attention_backward(dout, (Q, K, V, n_head, last_only, n_kv))
+    return dQ, dK, dV
+
+
+_attention_backward = ops.attention_backward
+
+
+@pytest.mark.parametrize("bug", ["gelu_backward_off_by_1e-5", "layernorm_without_centring",
+                                 "rope_backward_not_transposed", "gqa_without_group_sum"])
 def test_gradcheck_catches_a_wrong_backward(bug, monkeypatch):
     """A deliberately broken backward must fail the same criterion: a gelu derivative 1e-5 too
-    large (a subtle error), and a layernorm backward that forgets the mean's gradient."""
+    large (a subtle error), a layernorm backward that forgets the mean's gradient, a rotary
+    backward that turns forward again, grouped K/V gradients not summed over the group."""
     combo = dict(COMBOS[0], activation="gelu", norm="layernorm")
-    if bug.startswith("gelu"):
+    if bug.startswith("rope") or bug.startswith("gqa"):
+        combo.update(pos="rope", n_kv_head=1)
+    if bug.startswith("rope"):
+        monkeypatch.setattr(ops, "rope_backward", _rope_backward_turning_forward)
+    elif bug.startswith("gqa"):
+        monkeypatch.setattr(ops, "attention_backward", _attention_backward_without_group_sum)
+    elif bug.startswith("gelu"):
         monkeypatch.setitem(ops.ACTIVATIONS, "gelu", (ops.gelu_forward, _gelu_backward_off_by_1e5))
     else:
         monkeypatch.setattr(ops, "layernorm_backward", _layernorm_backward_without_centring)

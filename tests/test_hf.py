@@ -274,6 +274,23 @@ def test_export_refuses_a_default_model_listing_every_incompatible_option(tmp_pa
     assert "--preset gpt2" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_gpt2_export_refuses_the_modern_block_by_name(tmp_path):
+    """RoPE, SwiGLU, a set MLP width, grouped K/V heads, QK-norm, SiLU: each is named, with the
+    flag that makes the model a GPT-2, and nothing is written."""
+    config = GPTConfig(**{**GPT2_MODEL, "pos": "rope", "mlp": "swiglu", "activation": "silu",
+                          "mlp_hidden": 40, "n_kv_head": 2, "qk_norm": True})
+    problems = gpt2_incompatibilities(config)
+    assert [p.split("=")[0] for p in problems] == ["pos", "mlp", "mlp_hidden", "n_kv_head",
+                                                   "qk_norm", "activation"]
+    with pytest.raises(ConfigError) as e:
+        export_hf(perturbed_puregpt(config, model_tokenizer()), tmp_path / "out")
+    for part in ("pos='rope'", "mlp='swiglu'", "n_kv_head=2", "qk_norm=True", "--pos learned",
+                 "--mlp plain", "no --mlp-hidden", "no --n-kv-head", "--no-qk-norm",
+                 "activation='silu'", "--activation gelu_tanh"):
+        assert part in str(e.value), (part, str(e.value))
+    assert not (tmp_path / "out").exists()
+
+
 def model_tokenizer():
     return CharTokenizer("abcdefghijklmnopqrstuvwxyz")
 

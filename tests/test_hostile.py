@@ -182,10 +182,14 @@ def test_b2_the_limits_admit_gpt2_and_a_llama_sized_model():
 @pytest.mark.parametrize("seed", range(4))
 def test_num_params_of_is_the_sum_over_param_shapes(combo, seed):
     rng = random.Random(hash((seed, tuple(combo.values()))))
-    n_head = rng.choice([1, 2, 3])
+    n_head = rng.choice([1, 2, 3, 4])
+    hd = rng.randrange(1, 6) * (2 if combo["pos"] == "rope" else 1)  # rope turns pairs
+    modern = dict(n_kv_head=rng.choice([None] + [k for k in (1, 2, 4) if n_head % k == 0]),
+                  mlp_hidden=rng.choice([None, rng.randrange(1, 50)]),
+                  mlp_multiple_of=rng.choice([1, 8, 32]))
     cfg = GPTConfig(vocab_size=rng.randrange(2, 40), block_size=rng.randrange(1, 20),
-                    n_layer=rng.randrange(1, 5), n_embd=n_head * rng.randrange(1, 6),
-                    n_head=n_head, norm_affine=rng.random() < 0.5, **combo)
+                    n_layer=rng.randrange(1, 5), n_embd=n_head * hd, n_head=n_head,
+                    norm_affine=rng.random() < 0.5, **{**combo, **modern})
     assert model.num_params_of(cfg) == sum(math.prod(s) for s in model.param_shapes(cfg).values())
 
 
@@ -272,7 +276,7 @@ def test_b2_error_messages_stay_short(raw, tmp_path):
     msg = refused(path, "unknown GPTConfig key(s): key0, key1")
     assert "and 19,992 more" in msg
     path = rewrite(raw, tmp_path, edit_json("config", lambda c: c.update(pos="x" * 10 ** 6)))
-    refused(path, "GPTConfig.pos must be one of learned, sinusoidal, none; got 'xxxxxx")
+    refused(path, "GPTConfig.pos must be one of learned, sinusoidal, none, rope; got 'xxxxxx")
     # found by the fuzzer: an unknown tokenizer kind was quoted whole (a 60 KB message)
     path = rewrite(raw, tmp_path, edit_json("tokenizer", lambda t: t.update(kind=[0] * 20000)))
     refused(path, "unknown tokenizer kind [0, 0, 0, 0, 0, 0, ...]")
@@ -370,7 +374,7 @@ def test_b4_a_gpt2_checkpoint_without_activation_is_refused_not_loaded_as_relu(t
     save_checkpoint(path, Checkpoint(cfg, tok, model.init_params(cfg, random.Random(0))))
     bad = rewrite(path.read_bytes(), tmp_path, edit_json("config", lambda c: c.pop("activation")))
     refused(bad, "the stored config lacks activation", "only fields added to the format later "
-                                                       "may be absent: none yet")
+                                                       "may be absent: rope_theta, mlp")
 
 
 def test_b4_fields_added_later_get_the_value_that_reproduces_old_checkpoints(raw, tmp_path,

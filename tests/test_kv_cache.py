@@ -56,12 +56,28 @@ def test_every_combination(combo, norm_affine):
     assert_decoding_matches(cfg, perturbed_params(cfg, seed), tokens)
 
 
-@pytest.mark.parametrize("preset", ["microgpt", "gpt2"])
+@pytest.mark.parametrize("preset", ["microgpt", "gpt2", "llama"])
 def test_presets_full_block(preset):
     cfg = GPTConfig(**PRESETS[preset]["model"])
     rng = random.Random(1)
     tokens = [rng.randrange(cfg.vocab_size) for _ in range(cfg.block_size)]
     assert_decoding_matches(cfg, perturbed_params(cfg, 1), tokens)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_rope_and_grouped_kv_cache(n_kv_head):
+    """The cache holds n_kv_head heads per position (not n_head), the keys already rotated by
+    their absolute position: decoding from a cache equals the full forward at every position,
+    with QK-norm too."""
+    cfg = GPTConfig(vocab_size=9, block_size=12, n_layer=2, n_embd=16, n_head=4,
+                    n_kv_head=n_kv_head, pos="rope", mlp="swiglu", activation="silu",
+                    qk_norm=True, norm_affine=True, init_std=0.4, rope_theta=20.0)
+    params = perturbed_params(cfg, 2)
+    tokens = [random.Random(2).randrange(cfg.vocab_size) for _ in range(cfg.block_size)]
+    assert_decoding_matches(cfg, params, tokens)
+    kv = model.new_kv_cache(cfg)
+    model.forward(params, cfg, [tokens[:5]], kv=kv)
+    assert all(len(row) == n_kv_head * cfg.head_dim for k, v in kv for row in k + v)
 
 
 def test_decoding_past_block_size_is_refused():

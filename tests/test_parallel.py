@@ -35,10 +35,12 @@ def batch(rng, n, vocab, block):
     return inputs, [[rng.randrange(vocab) for _ in seq] for seq in inputs]
 
 
-@pytest.mark.parametrize("n_workers", [2, 3])
-def test_pool_gradients_equal_one_process(n_workers):
+@pytest.mark.parametrize("n_workers, llama", [(2, False), (3, False), (2, True)])
+def test_pool_gradients_equal_one_process(n_workers, llama):
     config = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_embd=16, n_head=4,
-                       norm="layernorm", norm_affine=True, bias=True, final_norm=True)
+                       norm="layernorm", norm_affine=True, bias=True, final_norm=True,
+                       **(dict(pos="rope", mlp="swiglu", activation="silu", n_kv_head=1,
+                               qk_norm=True) if llama else {}))
     params = model.init_params(config, random.Random(0))
     inputs, targets = batch(random.Random(1), 9, 11, 12)
     loss1, grads1, _ = model.loss_and_grads(params, config, inputs, targets)
@@ -121,6 +123,11 @@ SPLIT_CONFIGS = {
                            emb_norm=False, tie_embeddings=True, activation="gelu_tanh"),
     "post-norm": GPTConfig(vocab_size=11, n_embd=8, n_head=2, block_size=8, n_layer=2,
                            norm_position="post", pos="sinusoidal", activation="gelu"),
+    # the llama block: the gate as a linear layer of its own, a stacked Q K V of C + 2 kv rows
+    # (with their biases split by those sizes), the QK-norm gains kept by the main process
+    "llama": GPTConfig(vocab_size=11, n_embd=16, n_head=4, n_kv_head=2, block_size=8, n_layer=2,
+                       pos="rope", mlp="swiglu", activation="silu", norm_affine=True,
+                       emb_norm=False, final_norm=True, qk_norm=True, bias=True),
 }
 
 
@@ -175,6 +182,8 @@ def test_the_helper_computes_the_first_layers_gradients_and_updates_every_linear
         {"layer0.attn_qkv"})
     layers, sent = helper_layers(SPLIT_CONFIGS["gpt2-like"])  # tied: wte is not a helper's
     assert layers[0] == "layer1.mlp_fc2" and "layer0.attn_qkv" in sent and "wte" not in layers
+    layers, sent = helper_layers(SPLIT_CONFIGS["llama"])  # the backward's order: up, then gate
+    assert layers[:4] == ["lm_head", "layer1.mlp_fc2", "layer1.mlp_fc1", "layer1.mlp_gate"]
 
 
 def test_the_trainer_splits_one_sequence_steps_and_matches_one_process(tmp_path, monkeypatch):

@@ -89,6 +89,56 @@ def test_gpt2_preset(T, B):
     assert_parity(cfg, params, inputs, targets)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 5, 32])
+def test_llama_preset(T, B):
+    cfg = GPTConfig(**PRESETS["llama"]["model"])  # T = 32 is its block_size
+    assert (cfg.kv_heads, cfg.hidden, cfg.pos, cfg.mlp) == (2, 96, "rope", "swiglu")
+    params = perturbed_params(cfg, T * 10 + B)
+    rng = random.Random(T * 10 + B)
+    inputs, targets = random_batch(cfg, rng, batch_shape(T, B, rng))
+    assert_parity(cfg, params, inputs, targets)
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 4, 2, 1])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_grouped_heads_at_every_ratio(n_kv_head, qk_norm):
+    """4 query heads on 4, 2 or 1 K/V heads (multi-head, grouped, multi-query), with and without
+    QK-norm, and a non-default RoPE base and MLP width."""
+    cfg = tiny_config(dict(pos="rope", mlp="swiglu", activation="silu"), n_embd=16, n_head=4,
+                      n_kv_head=n_kv_head, qk_norm=qk_norm, rope_theta=31.0, mlp_hidden=24,
+                      bias=True)
+    params = perturbed_params(cfg, 11)
+    inputs, targets = random_batch(cfg, random.Random(11), [8, 3, 6])
+    assert_parity(cfg, params, inputs, targets)
+
+
+@pytest.mark.oracle
+def test_reference_rope_and_gqa_are_transformers_conventions():
+    """The reference's RoPE is transformers' Llama one (apply_rotary_pos_emb with the cos / sin
+    of LlamaRotaryEmbedding), and SDPA's enable_gqa pairs K/V head j with query heads
+    j*g..(j+1)*g-1 as transformers' repeat_kv does."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (LlamaRotaryEmbedding,
+                                                          apply_rotary_pos_emb, repeat_kv)
+    from torch_reference import apply_rope, rope_cos_sin
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 4, 7, 8, dtype=DTYPE, generator=gen) for _ in range(2))
+    emb = LlamaRotaryEmbedding(LlamaConfig(hidden_size=32, num_attention_heads=4,
+                                           rope_theta=500.0, max_position_embeddings=16))
+    cos, sin = emb(q, torch.arange(7)[None])
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
+    ours_cos, ours_sin = rope_cos_sin(7, 8, 500.0)
+    # transformers computes the angles in float32: agreement to float32 rounding
+    assert (apply_rope(q, ours_cos, ours_sin) - hf_q).abs().max() < 1e-5
+    assert (apply_rope(k, ours_cos, ours_sin) - hf_k).abs().max() < 1e-5
+    kv = torch.randn(1, 2, 7, 8, dtype=DTYPE, generator=gen)
+    grouped = F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    repeated = F.scaled_dot_product_attention(q, repeat_kv(kv, 2), repeat_kv(kv, 2),
+                                              is_causal=True)
+    assert (grouped - repeated).abs().max() < 1e-14
+
+
 def test_gpt2_reference_is_built_from_torch_modules():
     """The gpt2 block in the reference is torch's own LayerNorm (and tanh-GELU and SDPA in code)."""
     ref = build(GPTConfig(**PRESETS["gpt2"]["model"]),
@@ -188,8 +238,9 @@ def assert_training_parity(cfg, tc, seed, lengths):
         assert max_abs_diff(final[name], ref_final[name]) < TOL, name
     # the steps were not no-ops: every tensor moved (Adam steps are ~lr per entry), except the
     # key biases, whose gradient is zero by symmetry (softmax ignores a shift of all scores)
+    # when no rotation comes between (RoPE turns the bias by a different angle per position)
     assert all(max_abs_diff(final[name], initial[name]) > 1e-4
-               for name in final if not name.endswith("attn_wk_b"))
+               for name in final if not (name.endswith("attn_wk_b") and cfg.pos != "rope"))
     return clipped
 
 
@@ -211,6 +262,18 @@ def test_training_gpt2_hyperparameters():
     cfg = GPTConfig(**{**PRESETS["gpt2"]["model"], "n_embd": 16, "block_size": 8})
     clipped = assert_training_parity(cfg, tc, seed=4, lengths=[8, 8, 8, 8])
     assert any(clipped)  # the clipping really acted (here: at every step)
+
+
+def test_training_llama_hyperparameters():
+    """llama: the gpt2 recipe (AdamW(0.9, 0.95), decay 0.1 on the matmul weights, cosine after
+    a warmup shortened to 5 steps, clipping at 1.0) on the llama architecture (RoPE, SwiGLU,
+    4 query heads on 2 K/V heads, RMSNorm gains, untied head) at a reduced width."""
+    tc = TrainConfig(**{**PRESETS["llama"]["train"], "steps": 20, "warmup": 5})
+    assert (tc.weight_decay, tc.grad_clip, tc.schedule) == (0.1, 1.0, "cosine")
+    cfg = GPTConfig(**{**PRESETS["llama"]["model"], "n_embd": 16, "block_size": 8})
+    assert (cfg.kv_heads, cfg.hidden, cfg.tie_embeddings) == (2, 64, False)
+    clipped = assert_training_parity(cfg, tc, seed=5, lengths=[8, 8, 8, 8])
+    assert any(clipped)
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.999, 1.001, 3.0])

@@ -2,7 +2,9 @@
 parity tests.
 
 Built from torch's own modules (nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm,
-F.gelu, F.scaled_dot_product_attention, F.cross_entropy) and autograd, in float64. Nothing
+F.gelu, F.silu, F.scaled_dot_product_attention (with enable_gqa for grouped K/V heads),
+F.cross_entropy) and autograd, in float64. RoPE is transformers' Llama formula written out
+(rotate_half, cos/sin of cat(freqs, freqs)). Nothing
 of puregpt's math is imported: puregpt is only the source of the config and of the weight values
 copied in (`load`), and the gradients are handed back under puregpt's parameter names (`grads`).
 """
@@ -27,6 +29,25 @@ def sinusoidal_table(block_size: int, C: int) -> torch.Tensor:
     return pe
 
 
+def rope_cos_sin(T: int, hd: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' LlamaRotaryEmbedding: inv_freq = 1 / theta^(arange(0, hd, 2) / hd),
+    freqs = positions x inv_freq, emb = cat(freqs, freqs); cos and sin (T, hd)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=DTYPE) / hd)
+    freqs = torch.outer(torch.arange(T, dtype=DTYPE), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one of q, k: x (heads, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
 def make_norm(cfg) -> nn.Module:
     """RMSNorm: x / sqrt(mean(x^2) + eps) (* gain); LayerNorm: biased variance (* gain + bias)."""
     if cfg.norm == "rmsnorm":
@@ -41,22 +62,49 @@ class Block(nn.Module):
         super().__init__()
         C, b = cfg.n_embd, cfg.bias
         self.cfg = cfg
+        # K/V heads and the MLP width, from the config's fields (not its derived properties)
+        self.kv_heads = cfg.n_head if cfg.n_kv_head is None else cfg.n_kv_head
+        hd = C // cfg.n_head
+        if cfg.mlp_hidden is not None:
+            H = cfg.mlp_hidden
+        elif cfg.mlp == "swiglu":  # Llama: int(2 * 4C / 3), rounded up to a multiple
+            m = cfg.mlp_multiple_of
+            H = (int(2 * 4 * C / 3) + m - 1) // m * m
+        else:
+            H = 4 * C
         self.attn_norm, self.mlp_norm = make_norm(cfg), make_norm(cfg)
-        self.attn_wq, self.attn_wk, self.attn_wv, self.attn_wo = (
-            nn.Linear(C, C, bias=b, dtype=DTYPE) for _ in range(4))
-        self.mlp_fc1 = nn.Linear(C, 4 * C, bias=b, dtype=DTYPE)
-        self.mlp_fc2 = nn.Linear(4 * C, C, bias=b, dtype=DTYPE)
+        self.attn_wq = nn.Linear(C, C, bias=b, dtype=DTYPE)
+        self.attn_wk = nn.Linear(C, self.kv_heads * hd, bias=b, dtype=DTYPE)
+        self.attn_wv = nn.Linear(C, self.kv_heads * hd, bias=b, dtype=DTYPE)
+        self.attn_wo = nn.Linear(C, C, bias=b, dtype=DTYPE)
+        if cfg.qk_norm:  # one gain per head channel, shared by the heads
+            self.attn_q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps, dtype=DTYPE)
+            self.attn_k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps, dtype=DTYPE)
+        if cfg.mlp == "swiglu":
+            self.mlp_gate = nn.Linear(C, H, bias=b, dtype=DTYPE)
+        self.mlp_fc1 = nn.Linear(C, H, bias=b, dtype=DTYPE)
+        self.mlp_fc2 = nn.Linear(H, C, bias=b, dtype=DTYPE)
 
     def attn(self, x):  # x (T, C), one sequence
         T, H = x.shape[0], self.cfg.n_head
-        q, k, v = (w(x).view(T, H, -1).transpose(0, 1)
-                   for w in (self.attn_wq, self.attn_wk, self.attn_wv))  # (H, T, hd)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(hd)
+        q = self.attn_wq(x).view(T, H, -1).transpose(0, 1)  # (H, T, hd)
+        k, v = (w(x).view(T, self.kv_heads, -1).transpose(0, 1)
+                for w in (self.attn_wk, self.attn_wv))  # (kv_heads, T, hd)
+        if self.cfg.qk_norm:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        if self.cfg.pos == "rope":
+            cos, sin = rope_cos_sin(T, q.shape[-1], self.cfg.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,  # scale 1/sqrt(hd)
+                                             enable_gqa=self.kv_heads != H)
         return self.attn_wo(out.transpose(0, 1).reshape(T, -1))
 
     def mlp(self, x):
         h = self.mlp_fc1(x)
         act = self.cfg.activation
+        if act == "silu":
+            g = F.silu(self.mlp_gate(x) if self.cfg.mlp == "swiglu" else h)
+            return self.mlp_fc2(g * h if self.cfg.mlp == "swiglu" else g)
         h = F.relu(h) if act == "relu" else F.gelu(h, approximate="tanh" if act == "gelu_tanh"
                                                     else "none")
         return self.mlp_fc2(h)
@@ -132,8 +180,14 @@ class TorchGPT(nn.Module):
             p = f"layer{l}."
             add_norm(p + "attn_norm", blk.attn_norm)
             add_norm(p + "mlp_norm", blk.mlp_norm)
-            for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_fc1", "mlp_fc2"):
-                lin = getattr(blk, w)
+            if blk.cfg.qk_norm:
+                out[p + "attn_q_norm_g"] = blk.attn_q_norm.weight
+                out[p + "attn_k_norm_g"] = blk.attn_k_norm.weight
+            for w in ("attn_wq", "attn_wk", "attn_wv", "attn_wo", "mlp_gate", "mlp_fc1",
+                      "mlp_fc2"):
+                lin = getattr(blk, w, None)
+                if lin is None:
+                    continue
                 out[p + w] = lin.weight
                 if lin.bias is not None:
                     out[p + w + "_b"] = lin.bias
