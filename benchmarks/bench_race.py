@@ -95,7 +95,8 @@ def table(r: dict) -> str:
     pg = r["puregpt_seconds"]
     pg1 = r["puregpt_1_process_seconds"]
     rows = [["puregpt (python -m puregpt train --preset microgpt; 2 processes)", fmt(pg), "1"],
-            ["puregpt, one process (--workers 1)", fmt(pg1), fmt(pg1 / pg)],
+            ["puregpt, one process (--workers 1)", fmt(pg1),
+             fmt(r["torch_seconds"] / pg1) + "x (of the faster torch)"],
             ["PyTorch eager, 1 thread (benchmarks/torch_microgpt.py, incl. import torch)",
              fmt(r["torch_seconds_1_thread"]), fmt(r["torch_seconds_1_thread"] / pg) + "x"],
             ["PyTorch eager, 2 threads", fmt(r["torch_seconds_2_threads"]),
