@@ -179,7 +179,7 @@ def run(sz: dict, args) -> dict:
     # alternating order), compares them, then applies Adam once (timed once, added to both).
     grads = {"single": model.zeros_like(params), "workers": model.zeros_like(params)}
     times = {"single": [], "workers": []}
-    state, checks, losses = optim.new_state(params), [], []
+    state, checks, losses, paired_products = optim.new_state(params), [], [], []
     pool = WorkerPool(cfg, n_workers)
 
     def gradient(kind, s):
@@ -195,6 +195,8 @@ def run(sz: dict, args) -> dict:
                     + ("1 process" if kind == "single" else f"{n_workers} processes"))
                 loss[kind], seconds = timed(gradient, kind, s)
                 times[kind].append(seconds)
+                if kind == "single":  # the products alone, adjacent in time to this step
+                    paired_products.append(products_seconds(products, trials=1))
             _, t_adam = timed(optim.adamw_step, params, grads["single"], state,
                               optim.lr_at(s, tc), tc.beta1, tc.beta2, tc.eps, tc.weight_decay)
             for kind in times:
@@ -253,6 +255,10 @@ def run(sz: dict, args) -> dict:
         "products": {"calls": len(products), "seconds": t_products,
                      "macs_per_s": macs["total"] / t_products},
         "fraction_of_products": t_products / t1,
+        # each step against the replay run right after it (the load moves less in between)
+        "fraction_of_products_paired_median": statistics.median(
+            p / t for p, t in zip(paired_products, times["single"])),
+        "products_seconds_paired": paired_products,
         "targets": dict(TARGETS),
     }
 
@@ -280,7 +286,9 @@ def table(r: dict) -> str:
                   f"{fmt(r['fraction_of_products'])} of that primitive on the step's own "
                   f"products ({r['products']['calls']:,} calls of ops.matmul and ops.dots "
                   f"replayed alone: {fmt(r['products']['seconds'])} s, "
-                  f"{fmt(r['products']['macs_per_s'] / 1e6)} M MAC/s; target >= "
+                  f"{fmt(r['products']['macs_per_s'] / 1e6)} M MAC/s; each step against a "
+                  f"replay right after it, median: "
+                  f"{fmt(r['fraction_of_products_paired_median'])}; target >= "
                   f"{r['targets']['fraction_of_products']:g}).")
     text += ("\n\nDot-product rates of this interpreter (M MAC/s, best of before/after; the "
              "ceiling is the faster of " + " and ".join(k for k in kinds if k in CEILING_KINDS)
@@ -314,5 +322,7 @@ def summary_rows(r: dict) -> list:
              fmt(w["speedup"] >= TARGETS["workers_speedup"] and diff <= PARALLEL_TOL)],
             ["train-large", f"1 process / the engine's primitive alone on the step's products "
                             f"({fmt(r['products']['seconds'])} s of {fmt(r['single']['best_step_seconds'])} s)",
-             fmt(r["fraction_of_products"]), f">= {TARGETS['fraction_of_products']:g}",
+             fmt(r["fraction_of_products"]) + " (paired median "
+             + fmt(r["fraction_of_products_paired_median"]) + ")",
+             f">= {TARGETS['fraction_of_products']:g}",
              fmt(r["fraction_of_products"] >= TARGETS["fraction_of_products"])]]

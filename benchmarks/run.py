@@ -10,6 +10,7 @@
     python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
     python benchmarks/run.py explain           # seconds per x-ray page (puregpt explain), < 1 s
     python benchmarks/run.py compare           # a 4-run grid: --jobs 2 vs one after another
+    python benchmarks/run.py pythons           # train-tiny, train-large on each CPython 3.10-3.13
     python benchmarks/run.py all --quick       # tiny sizes, for CI (asserts the checks, not speed)
 
 Every benchmark compares within ONE run (ratios), alternating the contenders and keeping each
@@ -35,6 +36,7 @@ import bench_compare  # noqa: E402
 import bench_gpt2  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_notebook  # noqa: E402
+import bench_pythons  # noqa: E402
 import bench_race  # noqa: E402
 import bench_sample  # noqa: E402
 import bench_train_large  # noqa: E402
@@ -52,6 +54,7 @@ BENCHMARKS = {
     "explain": bench_explain,
     "compare": bench_compare,
     "gpt2": bench_gpt2,
+    "pythons": bench_pythons,  # runs the others on each interpreter: not part of `all`
 }
 
 
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
     args = harness.parse_args(
         BENCHMARKS, argv,
         epilog="all runs train-tiny (with the race), train-large, sample and memory.")
-    names = list(BENCHMARKS) if "all" in args.benchmarks else list(dict.fromkeys(args.benchmarks))
+    names = ([n for n in BENCHMARKS if n != "pythons"] if "all" in args.benchmarks
+             else list(dict.fromkeys(args.benchmarks)))
     if "train-tiny" in names and "race" in names and not args.no_race:
         names.remove("race")  # train-tiny runs it
     return harness.run(BENCHMARKS, names, args)

@@ -23,63 +23,87 @@ from operator import add, mul
 # "each row of A dotted with each row of B": C[i][j] = sum_k A[i][k] B[j][k]. This is the only
 # place where real time is spent, so it is the one place tuned for speed; the math is just that.
 
-if hasattr(math, "sumprod"):  # Python 3.12+: a C dot product with extended precision
+def matmul_sumprod(A, B):
+    """A (n, k), B (m, k) -> A B^T (n, m) with math.sumprod (Python 3.12+), a C dot product with
+    extended precision."""
+    _sumprod = math.sumprod
+    return [list(map(_sumprod, B, repeat(a))) for a in A]
 
-    def matmul(A, B):
-        """A (n, k), B (m, k) -> A B^T (n, m)."""
-        _sumprod = math.sumprod
-        return [list(map(_sumprod, B, repeat(a))) for a in A]
 
-    def dots(a, B):
-        """[a . b for b in B]: one vector's products with a few rows (one decoding step, one
-        attention query)."""
-        return list(map(math.sumprod, B, repeat(a)))
+def dots_sumprod(a, B):
+    """[a . b for b in B] with math.sumprod: one vector's products with a few rows (one decoding
+    step, one attention query)."""
+    return list(map(math.sumprod, B, repeat(a)))
 
-else:
 
-    def matmul(A, B):
-        """A (n, k), B (m, k) -> A B^T (n, m).
+def matmul_dist(A, B):
+    """A (n, k), B (m, k) -> A B^T (n, m) with math.dist, on every Python.
 
-        Before Python 3.12 the stdlib has no dot product, but it has math.dist, a C loop that
-        creates no float object per element, and the law of cosines turns one into the other:
-            a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2
-        Every dot product is then one dist() call: ~2x the speed of sum(map(mul, a, b)). The
-        subtraction cancels, losing accuracy unless |a| and |b| are about equal; rescaling
-        rows to equal lengths keeps the rounding error at ~1e-16 |a||b|, as good as a plain sum
-        whatever the scales of a and b. Two ways to get equal lengths:
-          * when B's rows (typically a weight matrix's) have lengths within a factor 4 of each
-            other, only A's rows are rescaled, to rho = sqrt(shortest * longest) of B's: then
-            |b| / rho is within [1/2, 2], and B, the larger side, is used as it is;
-          * otherwise every row of both sides is scaled to unit length.
-        """
-        if len(A) <= 2 or len(B) <= 2 or len(A) * len(B) * len(A[0]) < 512:
-            return [dots(a, B) for a in A]  # too little work to repay rescaling rows
-        dist, norms_b = math.dist, list(starmap(math.hypot, B))
-        shortest, longest = min(norms_b), max(norms_b)
-        if 0.0 < longest <= 4.0 * shortest:
-            rho = math.sqrt(shortest * longest)
-            A, norms_a = _scaled_rows(A, rho)
-            B = list(map(tuple, B))  # dist() copies any other sequence into a tuple per call
-            c = [rho * rho + y * y for y in norms_b]  # |a|^2 + |b|^2 for every a
-            return [[h * (cb - d * d) for cb, d in zip(c, map(dist, B, repeat(a)))]
-                    for a, h in zip(A, [0.5 * x / rho for x in norms_a])]  # a.b = |a|/rho ~a.b
-        A, norms_a = _scaled_rows(A, 1.0)
-        B, _ = _scaled_rows(B, 1.0, norms_b)
-        return [[x * y * (1.0 - 0.5 * d * d) for y, d in zip(norms_b, map(dist, B, repeat(a)))]
-                for a, x in zip(A, norms_a)]
+    Before Python 3.12 the stdlib has no dot product, but it has math.dist, a C loop that
+    creates no float object per element, and the law of cosines turns one into the other:
+        a.b = (|a|^2 + |b|^2 - |a - b|^2) / 2
+    Every dot product is then one dist() call: ~2x the speed of sum(map(mul, a, b)). The
+    subtraction cancels, losing accuracy unless |a| and |b| are about equal; rescaling
+    rows to equal lengths keeps the rounding error at ~1e-16 |a||b|, as good as a plain sum
+    whatever the scales of a and b. Two ways to get equal lengths:
+      * when B's rows (typically a weight matrix's) have lengths within a factor 4 of each
+        other, only A's rows are rescaled, to rho = sqrt(shortest * longest) of B's: then
+        |b| / rho is within [1/2, 2], and B, the larger side, is used as it is;
+      * otherwise every row of both sides is scaled to unit length.
+    """
+    if len(A) <= 2 or len(B) <= 2 or len(A) * len(B) * len(A[0]) < 512:
+        return [dots(a, B) for a in A]  # too little work to repay rescaling rows
+    dist, norms_b = math.dist, list(starmap(math.hypot, B))
+    shortest, longest = min(norms_b), max(norms_b)
+    if 0.0 < longest <= 4.0 * shortest:
+        rho = math.sqrt(shortest * longest)
+        A, norms_a = _scaled_rows(A, rho)
+        B = list(map(tuple, B))  # dist() copies any other sequence into a tuple per call
+        c = [rho * rho + y * y for y in norms_b]  # |a|^2 + |b|^2 for every a
+        return [[h * (cb - d * d) for cb, d in zip(c, map(dist, B, repeat(a)))]
+                for a, h in zip(A, [0.5 * x / rho for x in norms_a])]  # a.b = |a|/rho ~a.b
+    A, norms_a = _scaled_rows(A, 1.0)
+    B, _ = _scaled_rows(B, 1.0, norms_b)
+    return [[x * y * (1.0 - 0.5 * d * d) for y, d in zip(norms_b, map(dist, B, repeat(a)))]
+            for a, x in zip(A, norms_a)]
 
-    def _scaled_rows(rows, length, norms=None):
-        """Each row scaled to the given length (all-zero rows stay zero: their products are then
-        0), as tuples (dist() copies any other sequence into one on every call: tuples make it
-        1.5-2x faster), and the rows' original lengths."""
-        norms = norms or list(starmap(math.hypot, rows))
-        scales = [length / n if n else 0.0 for n in norms]
-        return [tuple([x * s for x in r]) for r, s in zip(rows, scales)], norms
 
-    def dots(a, B):
-        """[a . b for b in B]: one vector's products with a few rows (one decoding step, one
-        attention query), where making unit rows for dist() would cost more than it saves."""
-        return [sum(map(mul, a, b)) for b in B]
+def _scaled_rows(rows, length, norms=None):
+    """Each row scaled to the given length (all-zero rows stay zero: their products are then
+    0), as tuples (dist() copies any other sequence into one on every call: tuples make it
+    1.5-2x faster), and the rows' original lengths."""
+    norms = norms or list(starmap(math.hypot, rows))
+    scales = [length / n if n else 0.0 for n in norms]
+    return [tuple([x * s for x in r]) for r, s in zip(rows, scales)], norms
+
+
+def dots_sum(a, B):
+    """[a . b for b in B] as plain sums: one vector's products with a few rows (one decoding
+    step, one attention query), where making unit rows for dist() would cost more than it saves."""
+    return [sum(map(mul, a, b)) for b in B]
+
+
+# Each way of computing the products: name -> (matmul, dots). Each Python takes the fastest,
+# measured on train-large and microgpt steps (`python benchmarks/run.py pythons`): before 3.12
+# only "dist" exists; on 3.12 and 3.13, dist's rescaled rows still beat math.sumprod on the
+# many-row products (sumprod alone made train-large steps 0.7-0.95x as fast), and sumprod
+# takes the few-row ones and attention's queries (its C loop beats sum(map(mul))).
+PRODUCTS = {"dist": (matmul_dist, dots_sum)}
+if hasattr(math, "sumprod"):
+    PRODUCTS["sumprod"] = (matmul_sumprod, dots_sumprod)
+    PRODUCTS["dist+sumprod"] = (matmul_dist, dots_sumprod)
+PRODUCT_PATH = "dist+sumprod" if "sumprod" in PRODUCTS else "dist"
+matmul = PRODUCTS[PRODUCT_PATH][0]  # (A, B) -> A B^T: every product of the model
+dots = PRODUCTS[PRODUCT_PATH][1]  # (a, B) -> [a . b for b in B]
+
+
+def use_products(path: str) -> None:
+    """Compute every product of this process with PRODUCTS[path] from now on (for benchmarks and
+    tests that compare the paths; the results agree to rounding)."""
+    global matmul, dots, PRODUCT_PATH
+    if path not in PRODUCTS:
+        raise ValueError(f"no product path {path!r} on this Python; available: {sorted(PRODUCTS)}")
+    (matmul, dots), PRODUCT_PATH = PRODUCTS[path], path
 
 
 def matvec(W, x):

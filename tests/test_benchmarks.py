@@ -47,8 +47,9 @@ def positive(*values) -> bool:
 
 def check_race(race: dict, torch_expected: bool) -> None:
     assert race["samples"] == 20 and race["steps"] > 0
-    assert positive(race["puregpt_seconds"])
+    assert positive(race["puregpt_seconds"], race["puregpt_1_process_seconds"])
     if torch_expected:
+        assert positive(race["torch_over_puregpt_1_process"])
         assert positive(race["torch_seconds"], race["torch_over_puregpt"],
                         race["torch_seconds_1_thread"], race["torch_seconds_2_threads"])
         assert race["torch_seconds"] == min(race["torch_seconds_1_thread"],
@@ -90,6 +91,7 @@ def test_race(tmp_path):
     r, stdout = run_bench("race", tmp_path)
     check_race(r, HAVE_TORCH)
     assert r["rounds"] == 1 and len(r["puregpt_seconds_all"]) == 1
+    assert len(r["puregpt_1_process_seconds_all"]) == 1 and "one process (--workers 1)" in stdout
     assert "### race: 20 steps + 20 samples" in stdout
 
 
@@ -108,6 +110,8 @@ def test_train_large(tmp_path):
     # the step's products replayed alone: a part of the step, so below its time (with noise)
     assert r["products"]["calls"] > 0 and positive(r["products"]["seconds"])
     assert r["fraction_of_products"] == r["products"]["seconds"] / r["single"]["best_step_seconds"]
+    assert len(r["products_seconds_paired"]) == r["steps"]
+    assert positive(r["fraction_of_products_paired_median"])
     w = r["workers"]
     assert w["n"] == 2 and positive(w["speedup"])
     assert w["max_grad_rel_diff"] <= 1e-9 and w["max_loss_diff"] <= 1e-9
@@ -158,6 +162,28 @@ def test_memory(tmp_path):
     assert r["tiny"]["params"] == 4192 and r["large"]["params"] > r["tiny"]["params"]
 
 
+def test_pythons(tmp_path):
+    """This interpreter and the oldest other supported one found, side by side: every product
+    path timed (and checked equal to dist's inside the child), the benchmarks' JSON read back,
+    torch's contender skipped where torch is missing."""
+    bench = load_run().BENCHMARKS["pythons"]
+    found = bench.interpreters()
+    assert found and all((3, 10) <= v[:2] <= (3, 13) for _, v in found)
+    chosen = [sys.executable] + [p for p, v in found if v[:2] != sys.version_info[:2]][:1]
+    r, stdout = run_bench("pythons", tmp_path, *[w for p in chosen for w in ("--python", p)])
+    assert [p["executable"] for p in r["pythons"]] == sorted(
+        chosen, key=lambda p: bench.version_of(p))
+    for p in r["pythons"]:
+        paths = p["paths"]
+        assert paths["chosen"] in paths["seconds"] and "dist" in paths["seconds"]
+        assert all(positive(*t.values()) for t in paths["seconds"].values())
+        assert set(p["results"]) == {"train-tiny", "train-large"}
+        assert positive(p["results"]["train-large"]["fraction_of_products"])
+        torch = p["results"]["train-tiny"]["torch"]
+        assert ("skipped" in torch) != (p["env"]["torch"] is not None)
+        assert f"Python {p['python']}" in stdout
+
+
 @pytest.mark.oracle
 def test_notebook(tmp_path):
     import ipykernel  # noqa: F401  (the oracle: the benchmark only skips without them)
@@ -178,7 +204,8 @@ def test_train_large_records_every_product_of_a_step():
     cfg, _, params, batch, *_ = bench.large_setup(bench.QUICK)
     B, T, H, L = bench.QUICK["large_batch"], cfg.block_size, cfg.n_head, cfg.n_layer
     calls = bench.record_products(params, cfg, batch(0))
-    names = [f.__name__ for f, _, _ in calls]
+    from puregpt import ops
+    names = [{ops.matmul: "matmul", ops.dots: "dots"}[f] for f, _, _ in calls]
     assert names.count("matmul") == L * (4 + B * H + 8 + 3 * B * H) + 3
     assert names.count("dots") == L * B * H * T * 2
     f, A, Bm = calls[0]  # the first layer's stacked Q, K, V product: (N, C) x (3C, C)

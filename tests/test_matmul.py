@@ -1,7 +1,9 @@
 """ops.matmul, the product every layer uses, against exact dot products (math.fsum of the exact
-products' float values), on each of its paths: plain sums for tiny products, B used as is when
-its rows have similar lengths (weights), and unit rows otherwise; with row scales from 1e-8 to
-1e8 and all-zero rows. Its error must stay that of a plain float sum: ~1e-16 |a||b|."""
+products' float values), on each way of computing products this Python has (ops.PRODUCTS:
+math.dist everywhere, math.sumprod and the two mixed from 3.12) and each branch of the dist one:
+plain sums for tiny products, B used as is when its rows have similar lengths (weights), and unit
+rows otherwise; with row scales from 1e-8 to 1e8 and all-zero rows. Its error must stay that of
+a plain float sum: ~1e-16 |a||b|."""
 
 import math
 import random
@@ -35,9 +37,18 @@ SCALES = {
 }
 
 
+@pytest.fixture(params=sorted(ops.PRODUCTS))
+def path(request):
+    """Each product path in turn, the engine's own restored afterwards."""
+    chosen = ops.PRODUCT_PATH
+    ops.use_products(request.param)
+    yield request.param
+    ops.use_products(chosen)
+
+
 @pytest.mark.parametrize("b_scale", SCALES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matmul_is_as_accurate_as_a_plain_sum(shape, b_scale):
+def test_matmul_is_as_accurate_as_a_plain_sum(shape, b_scale, path):
     rng = random.Random(7)
     n, m, k = SHAPES[shape]
     for _ in range(20):
@@ -55,9 +66,27 @@ def test_matmul_is_as_accurate_as_a_plain_sum(shape, b_scale):
             assert C[1] == [0.0] * m
 
 
-def test_dots_and_matvec():
+def test_dots_and_matvec(path):
     rng = random.Random(3)
     a, B = rows(rng, 1, 9, SCALES["any"])[0], rows(rng, 6, 9, SCALES["similar"])
     for got in (ops.dots(a, B), ops.matvec(B, a)):
         for b, c in zip(B, got):
             assert abs(c - exact(a, b)) <= TOL * math.hypot(*a) * math.hypot(*b)
+
+
+def test_each_python_takes_its_measured_path():
+    """dist before 3.12; from 3.12 dist for many rows, sumprod for few (see ops.PRODUCTS)."""
+    import sys
+    expected = "dist" if sys.version_info < (3, 12) else "dist+sumprod"
+    assert ops.PRODUCT_PATH == expected and (ops.matmul, ops.dots) == ops.PRODUCTS[expected]
+    assert set(ops.PRODUCTS) == ({"dist"} if sys.version_info < (3, 12)
+                                 else {"dist", "sumprod", "dist+sumprod"})
+
+
+def test_use_products_switches_every_caller_and_refuses_unknown_paths(path):
+    rng = random.Random(5)
+    W, X = rows(rng, 12, 16, SCALES["weights"]), rows(rng, 9, 16, SCALES["any"])
+    Y, _ = ops.linear_forward(X, W)  # ops' own callers see the switch
+    assert Y == ops.PRODUCTS[path][0](X, W)
+    with pytest.raises(ValueError, match="no product path 'numpy' on this Python; available"):
+        ops.use_products("numpy")
