@@ -303,6 +303,7 @@ def test_a_token_budget_gives_each_config_its_steps(tmp_path):
     (["--vary", "pos"], "expected FIELD=VALUE1,VALUE2"),
     (["--vary", "pos=none", "--steps", "5", "--tokens", "100"], "--steps or --tokens"),
     (["--vary", "pos=none", "--baseline", "pos=learned"], "--baseline pos=learned: matches no"),
+    (["--vary", "pos=none", "--workers", "2"], "each run of a compare uses one process"),
 ])
 def test_bad_input_is_refused_before_anything_trains(tmp_path, args, message):
     proc = compare_cli(*args, *TINY, "--steps", 3, "--out", tmp_path / "c") \
