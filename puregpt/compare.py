@@ -160,6 +160,11 @@ def build_grid(base_model: dict, base_train: dict, vary: list[str], seeds: int,
         raise ConfigError(f"--tokens must be >= 1, got {tokens}")
     axes = parse_vary(vary)
     base_train = {**TrainConfig().to_dict(), **base_train}
+    if base_train["workers"] > 1:
+        raise ConfigError(f"--workers {base_train['workers']}: each run of a compare uses one "
+                          f"process; --jobs sets how many run at once")
+    if base_train["log_format"] != "full":
+        raise ConfigError("--log-format: a compare shows its own progress, one line per run")
     first = base_train["seed"]
     base_train.update(workers=1, log_every=0, log_format="full")
     if base_train["data_seed"] == -1:  # every config and seed: the same split and order

@@ -4,6 +4,10 @@
 (validation) columns against "step". Long curves are downsampled by min/max bucketing rather than
 by averaging: a loss spike is exactly what one looks at a training plot to find, and a mean would
 flatten it. Only curves use <path>, so counting paths counts curves.
+
+`render_runs_svg` draws several groups of runs on one chart (`puregpt plot RUN...`, the compare
+report): per group the mean of its runs' EMA-smoothed train loss, a band for their spread, and
+their mean validation loss as dots.
 """
 
 from __future__ import annotations

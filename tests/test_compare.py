@@ -303,6 +303,7 @@ def test_a_token_budget_gives_each_config_its_steps(tmp_path):
     (["--vary", "pos"], "expected FIELD=VALUE1,VALUE2"),
     (["--vary", "pos=none", "--steps", "5", "--tokens", "100"], "--steps or --tokens"),
     (["--vary", "pos=none", "--baseline", "pos=learned"], "--baseline pos=learned: matches no"),
+    (["--vary", "pos=none", "--workers", "2"], "each run of a compare uses one process"),
 ])
 def test_bad_input_is_refused_before_anything_trains(tmp_path, args, message):
     proc = compare_cli(*args, *TINY, "--steps", 3, "--out", tmp_path / "c") \
@@ -440,3 +441,17 @@ def test_the_report_is_redrawn_as_runs_finish(tmp_path):
     assert running and report.exists()
     rows = {r[1].replace(" (baseline)", ""): r for r in md_table(report.read_text(), "Ranking")}
     assert rows["steps=4"][8] == "1/1" and rows["steps=3000"][8] == "0/1"
+
+
+def test_more_seeds_on_a_rerun_add_runs_and_keep_the_others(tmp_path):
+    data = names_file(tmp_path, 200)
+    args = ["--data", data, "--vary", "pos=none", *TINY, "--steps", 3, "--out", tmp_path / "c"]
+    assert compare_cli(*args, "--seeds", 1).returncode == 0
+    first = snapshot(tmp_path / "c" / "pos-none" / "seed-42")
+    proc = compare_cli(*args, "--seeds", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(tmp_path / "c" / "pos-none" / "seed-42") == first
+    assert load_checkpoint(tmp_path / "c" / "pos-none" / "seed-43" / "last.safetensors").step == 3
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["seeds"] == [42, 43]
+    fewer = compare_cli(*args, "--seeds", 1)
+    assert fewer.returncode == 1 and "holds a different compare" in fewer.stderr
