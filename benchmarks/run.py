@@ -5,8 +5,11 @@
     python benchmarks/run.py race              # the 1000-step microgpt run, fresh processes
     python benchmarks/run.py train-large       # ~200K parameters: MAC/s vs the dot ceiling, workers
     python benchmarks/run.py sample            # KV-cached generation vs full re-forward
+    python benchmarks/run.py gpt2              # GPT-2 124M shape: import, load, decode, memory
     python benchmarks/run.py memory            # peak RSS of training, fresh processes
     python benchmarks/run.py notebook          # notebooks/walkthrough.ipynb, Run All (< 3 min)
+    python benchmarks/run.py explain           # seconds per x-ray page (puregpt explain), < 1 s
+    python benchmarks/run.py compare           # a 4-run grid: --jobs 2 vs one after another
     python benchmarks/run.py all --quick       # tiny sizes, for CI (asserts the checks, not speed)
 
 Every benchmark compares within ONE run (ratios), alternating the contenders and keeping each
@@ -27,6 +30,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # when loaded by path rather than run as a script
     sys.path.insert(0, str(BENCH_DIR))
 
+import bench_explain  # noqa: E402
+import bench_compare  # noqa: E402
+import bench_gpt2  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_notebook  # noqa: E402
 import bench_race  # noqa: E402
@@ -43,6 +49,9 @@ BENCHMARKS = {
     "sample": bench_sample,
     "memory": bench_memory,
     "notebook": bench_notebook,
+    "explain": bench_explain,
+    "compare": bench_compare,
+    "gpt2": bench_gpt2,
 }
 
 

@@ -136,6 +136,37 @@ class MicroGPT:
         return "".join(self.chars[t] for t in tokens[1:])
 
 
+    @torch.no_grad()
+    def decode_greedy(self, context: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy KV-cached decoding, as one writes it in PyTorch eager: each step feeds one
+        token, appends its keys and values to per-layer caches, and attends over them."""
+        P, out = self.params, []
+        cache = [[None, None] for _ in range(N_LAYER)]
+        tokens = list(context)
+        for pos, token in enumerate(tokens):
+            if pos >= len(context) - 1 + max_new_tokens:
+                break
+            x = _rmsnorm(P["wte"][token] + P["wpe"][pos])  # (C,)
+            for l in range(N_LAYER):
+                p = f"layer{l}."
+                h = _rmsnorm(x)
+                q, k, v = (F.linear(h, P[p + w]).view(N_HEAD, 1, HEAD_DIM)
+                           for w in ("attn_wq", "attn_wk", "attn_wv"))  # (H, 1, hd)
+                ks, vs = cache[l]
+                ks = k if ks is None else torch.cat([ks, k], 1)  # (H, pos + 1, hd)
+                vs = v if vs is None else torch.cat([vs, v], 1)
+                cache[l] = [ks, vs]
+                att = ((q @ ks.transpose(1, 2)) * (1.0 / math.sqrt(HEAD_DIM))).softmax(-1)
+                x = x + F.linear((att @ vs).reshape(N_EMBD), P[p + "attn_wo"])
+                h = _rmsnorm(x)
+                x = x + F.linear(F.relu(F.linear(h, P[p + "mlp_fc1"])), P[p + "mlp_fc2"])
+            if pos >= len(context) - 1:  # past the context: the next token is the argmax
+                nxt = int(F.linear(x, P["lm_head"]).argmax())
+                out.append(nxt)
+                tokens.append(nxt)
+        return out
+
+
 def _rmsnorm(x: torch.Tensor) -> torch.Tensor:
     return x * (x.square().mean(-1, keepdim=True) + 1e-5).rsqrt()
 

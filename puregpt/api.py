@@ -19,8 +19,8 @@ from .config import ConfigError, GPTConfig, TrainConfig
 from .config import preset as preset_settings
 from .data import read_text
 
-__all__ = ["Checkpoint", "Score", "evaluate", "generate", "load", "save", "score", "stream",
-           "train"]
+__all__ = ["Checkpoint", "Score", "evaluate", "explain", "generate", "load", "save", "score",
+           "stream", "train"]
 
 
 class Score(NamedTuple):
@@ -120,7 +120,8 @@ def _check_model(model) -> None:
 
 def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = None,
            temperature: float = 0.5, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-           stop: str | None = None, seed: int | None = None) -> Iterator[str]:
+           stop: str | None = None, seed: int | None = None, workers: int = 1,
+           compact: bool = False) -> Iterator[str]:
     """Generate text, yielding it piece by piece as it is produced: the prompt first (when
     there is one), then each new piece, so that the pieces join into prompt + continuation,
     as `puregpt sample --prompt` prints it.
@@ -132,6 +133,11 @@ def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = 
     (searched in the new text); seed makes the output reproducible. Arguments of the wrong
     type raise TypeError; bad settings and prompts outside the vocabulary raise ValueError, at
     once, before anything is generated.
+
+    workers > 1 (0: one per core) or compact=True decode with prepared weights
+    (puregpt.decode.Decoder): the matrix-vector products split across `workers` processes
+    (same tokens as one), compact keeping the weights as arrays (8 or 4 bytes a value instead
+    of 40, slower). The worker processes stop when the stream is exhausted or closed.
     """
     _check_model(model)
     _check_type("prompt", prompt, (str,), "a string")
@@ -147,11 +153,34 @@ def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = 
         _check_type("stop", stop, (str,), "a string or None")
     if seed is not None:
         _check_type("seed", seed, (int,), "an int or None")
-    pieces = sample.stream_text(model.params, model.config, model.tokenizer, prompt,
-                                _docs_mode(model), max_new_tokens, stop, random.Random(seed),
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                greedy=greedy)
-    return chain([prompt] if prompt else [], pieces)
+    _check_type("workers", workers, (int,), "an int")
+    _check_type("compact", compact, (bool,), "True or False")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: one per core), got {workers}")
+    decoder = None
+    if workers != 1 or compact:
+        from .decode import Decoder
+        decoder = Decoder(model.params, model.config, "array" if compact else "tuple", workers)
+    try:
+        pieces = sample.stream_text(model.params, model.config, model.tokenizer, prompt,
+                                    _docs_mode(model), max_new_tokens, stop, random.Random(seed),
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    greedy=greedy,
+                                    tokens_from=decoder and decoder.generator())
+    except BaseException:
+        if decoder is not None:
+            decoder.close()
+        raise
+    return chain([prompt] if prompt else [], _closing(pieces, decoder))
+
+
+def _closing(pieces, decoder):
+    """The pieces; the decoder's worker processes stop when they end (or the stream closes)."""
+    try:
+        yield from pieces
+    finally:
+        if decoder is not None:
+            decoder.close()
 
 
 def generate(model: Checkpoint, prompt: str = "", **options) -> str:
@@ -177,3 +206,16 @@ def evaluate(model: Checkpoint, path: str) -> Score:
     logprob, n = sample.score_corpus(model.params, model.config, model.tokenizer,
                                      read_text(os.fspath(path)), _docs_mode(model))
     return Score(logprob, -logprob / n, n)
+
+
+def explain(model: Checkpoint, text: str) -> dict:
+    """The x-ray of `text` under the model, as `puregpt explain --json` writes it: tokens with
+    their log-probabilities, every head's attention, next-token logits and probabilities, the
+    residual stream, one training step's gradient norms and update ratios, the ops in order and
+    the embeddings' PCA (see puregpt/explain.py for the keys). A docs-mode model reads the text
+    as a document (BOS-wrapped), a stream-mode model as a prompt; beyond block_size, the last
+    block. The model is not changed."""
+    from .explain import explain_model  # (loaded by puregpt/__init__.py before this binds)
+    _check_model(model)
+    _check_type("text", text, (str,), "a string")
+    return explain_model(model, text)

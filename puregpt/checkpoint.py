@@ -19,6 +19,7 @@ weights must be finite and below MAX_WEIGHT in magnitude, so a model that loads 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ import re
 import struct
 import sys
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from itertools import chain
 
@@ -61,12 +63,15 @@ class CheckpointError(ValueError):
 # --- the safetensors layout --------------------------------------------------------------------
 
 
-def _flatten(t) -> list:
-    return [x for row in t for x in row] if t and isinstance(t[0], list) else list(t)
+ROW_TYPES = (list, tuple, array)  # a matrix is a list of rows of any of these (ROWS below)
+
+
+def _is_matrix(t) -> bool:
+    return bool(t) and isinstance(t[0], ROW_TYPES)
 
 
 def _shape(t) -> list[int]:
-    return [len(t), len(t[0])] if t and isinstance(t[0], list) else [len(t)]
+    return [len(t), len(t[0])] if _is_matrix(t) else [len(t)]
 
 
 def _to_bytes(values, typecode: str) -> bytes:
@@ -76,12 +81,34 @@ def _to_bytes(values, typecode: str) -> bytes:
     return a.tobytes()
 
 
+def _dtype(t) -> str:
+    """F32 for a matrix of array('f') rows (imported float32 weights, stored as they came:
+    exactly, in half the bytes), else F64."""
+    return "F32" if _is_matrix(t) and all(isinstance(r, array) and r.typecode == "f"
+                                          for r in t) else "F64"
+
+
+def _tensor_bytes(t) -> bytes:
+    """A tensor's little-endian bytes in its _dtype. Rows that are already arrays are copied as
+    bytes (no float objects: what makes saving an imported GPT-2 fast)."""
+    if _dtype(t) == "F32":
+        return b"".join([_to_bytes(r, "f") if sys.byteorder == "big" else r.tobytes()
+                         for r in t])
+    if sys.byteorder == "little" and _is_matrix(t) and all(
+            isinstance(r, array) and r.typecode == "d" for r in t):
+        return b"".join([r.tobytes() for r in t])
+    if _is_matrix(t):
+        return b"".join([_to_bytes(r, "d") for r in t])  # row by row: no flat list of it all
+    return _to_bytes(t, "d")
+
+
 def _header_blob(tensors: dict, metadata: dict[str, str]) -> bytes:
     header, offset = {"__metadata__": metadata}, 0
     for name, t in tensors.items():
-        n = len(t) * (len(t[0]) if t and isinstance(t[0], list) else 1)
-        header[name] = {"dtype": "F64", "shape": _shape(t), "data_offsets": [offset, offset + 8 * n]}
-        offset += 8 * n
+        dtype = _dtype(t)
+        n = math.prod(_shape(t)) * DTYPES[dtype][0]
+        header[name] = {"dtype": dtype, "shape": _shape(t), "data_offsets": [offset, offset + n]}
+        offset += n
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return blob + b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned (spec allows)
 
@@ -90,9 +117,9 @@ def _data_chunks(tensors: dict, hashes: dict | None = None):
     """Each tensor's F64 bytes; with `hashes`, records name -> [dtype, shape, sha256 hex] of each
     as it streams past (no second copy of the data is kept)."""
     for name, t in tensors.items():
-        data = _to_bytes(_flatten(t), "d")
+        data = _tensor_bytes(t)
         if hashes is not None:
-            hashes[name] = ["F64", _shape(t), hashlib.sha256(data).hexdigest()]
+            hashes[name] = [_dtype(t), _shape(t), hashlib.sha256(data).hexdigest()]
         yield data
 
 
@@ -198,35 +225,38 @@ def _elements(shape: list[int], data_size: int) -> int | None:
     return n
 
 
-def _decode(raw: bytes, dtype: str) -> list[float]:
-    """A tensor's little-endian bytes as a flat list of Python floats (F32/F16/BF16 exactly)."""
+def _decode(raw, dtype: str) -> array:
+    """A tensor's little-endian bytes as an array of C doubles or floats (F32/F16/BF16 exactly):
+    one bulk conversion, no Python float per element until rows are built (_rows)."""
     if dtype == "F16":
-        return list(struct.unpack(f"<{len(raw) // 2}e", raw))
+        return array("d", struct.unpack(f"<{len(raw) // 2}e", raw))
     if dtype == "BF16":  # bfloat16 is the top half of a float32: shift it back into place
         halves = array("H")
         halves.frombytes(raw)
         if sys.byteorder == "big":
             halves.byteswap()
-        raw = array("I", [h << 16 for h in halves]).tobytes()
         vals = array("f")
-        vals.frombytes(raw)
-        return vals.tolist()
+        vals.frombytes(array("I", [h << 16 for h in halves]).tobytes())
+        return vals
     vals = array(DTYPES[dtype][1])
     vals.frombytes(raw)
     if sys.byteorder == "big":
         vals.byteswap()
-    return vals.tolist()
+    return vals
 
 
-def _read_exactly(f, offset: int, n: int, path: str, chunk: int = 1 << 20):
-    """The n bytes at offset, in chunks of at most `chunk`."""
+def _read_exactly(f, offset: int, n: int, path: str) -> bytearray:
+    """The n bytes at offset, read straight into one buffer (no chunks joined: one copy less)."""
     f.seek(offset)
-    while n > 0:
-        data = f.read(min(n, chunk))
-        if not data:
+    buf = bytearray(n)
+    view, at = memoryview(buf), 0
+    while at < n:
+        got = f.readinto(view[at:])
+        if not got:
             raise CheckpointError(f"{path}: the file ended early (changed while being read?)")
-        n -= len(data)
-        yield data
+        at += got
+    view.release()
+    return buf
 
 
 def _top_bytes_table(flag) -> bytes:
@@ -247,14 +277,24 @@ VALUE_RULES = {
 }
 
 
-def bad_value(values: list[float], kind: str, raw_f64: bytes | None = None) -> str | None:
+# float32 weights: exponent >= 192 (|x| >= 2**65, or not finite) is the top byte's low 7 bits >= 96
+_WEIGHT_FLAGS_F32 = _top_bytes_table(lambda b: (b & 0x7F) >= 0x60)
+
+
+def bad_value(values: list[float], kind: str, raw_f64: bytes | None = None,
+              raw_f32: bytes | None = None) -> str | None:
     """None when every value suits `kind` (see VALUE_RULES), else which is the first bad one and
-    why. raw_f64: the values' little-endian float64 bytes, when at hand (saves converting)."""
+    why. raw_f64 / raw_f32: the values' little-endian float64 / float32 bytes, when at hand
+    (saves converting; float32 weights are screened on their own top bytes)."""
     flags, ok, what, why = VALUE_RULES[kind]
-    if raw_f64 is None:
-        raw_f64 = _to_bytes(values, "d")
-    if 1 not in raw_f64[7::8].translate(flags):  # the fast path: nothing even suspicious
-        return None
+    if raw_f32 is not None and kind == "weight":
+        if 1 not in raw_f32[3::4].translate(_WEIGHT_FLAGS_F32):  # exact for float32
+            return None
+    else:
+        if raw_f64 is None:
+            raw_f64 = _to_bytes(values, "d")
+        if 1 not in raw_f64[7::8].translate(flags):  # the fast path: nothing even suspicious
+            return None
     for i, x in enumerate(values):
         if not ok(x):
             if not math.isfinite(x):
@@ -263,17 +303,50 @@ def bad_value(values: list[float], kind: str, raw_f64: bytes | None = None) -> s
     return None
 
 
-def read_tensor(f, info: dict, data_start: int, path: str, name: str,
-                kind: str = "weight") -> list[float]:
-    """One tensor's values as a flat list of Python floats, checked (bad_value): a bad value is a
-    CheckpointError naming the tensor."""
+def read_tensor_array(f, info: dict, data_start: int, path: str, name: str,
+                      kind: str = "weight", raw_out: list | None = None) -> array:
+    """One tensor's values as a flat array ('d', or 'f' for F32/BF16 data), checked
+    (bad_value): a bad value is a CheckpointError naming the tensor. raw_out: a list that
+    receives the tensor's raw bytes (for its checksum)."""
     begin, end = info["data_offsets"]
-    raw = b"".join(_read_exactly(f, data_start + begin, end - begin, path))
+    raw = _read_exactly(f, data_start + begin, end - begin, path)
+    if raw_out is not None:
+        raw_out.append(raw)
     values = _decode(raw, info["dtype"])
-    problem = bad_value(values, kind, raw if info["dtype"] == "F64" else None)
+    problem = bad_value(values, kind, raw if info["dtype"] == "F64" else None,
+                        raw if info["dtype"] == "F32" and sys.byteorder == "little" else None)
     if problem:
         raise CheckpointError(f"{path}: tensor {name} holds {problem}")
     return values
+
+
+def read_tensor(f, info: dict, data_start: int, path: str, name: str,
+                kind: str = "weight") -> list[float]:
+    """One tensor's values as a flat list of Python floats, checked as read_tensor_array."""
+    return read_tensor_array(f, info, data_start, path, name, kind).tolist()
+
+
+# How load_checkpoint builds a matrix's rows: "list" (lists of floats, what training uses),
+# "tuple" (tuples of floats: what math.dist reads fastest, for decoding), "array" (array rows,
+# 'd', or 'f' for float32 data: 8 or 4 bytes a value instead of 32: the compact layout).
+# Vectors are lists in every case.
+ROWS = ("list", "tuple", "array")
+
+
+def _rows(values: array, shape: list[int], rows: str = "list"):
+    """A flat array in the tensor's shape: a vector as a list, a matrix as rows of `rows` kind,
+    each built from its own slice (no flat list of the whole tensor is ever made)."""
+    if len(shape) == 1:
+        return values.tolist()
+    if len(shape) != 2:
+        raise CheckpointError(f"puregpt tensors are 1-D or 2-D, got shape {brief(shape)}")
+    n, cols = shape
+    spans = range(0, n * cols, cols)
+    if rows == "array":  # float32 data stays float32: 4 bytes a value, and exact
+        return [values[i:i + cols] for i in spans]
+    if rows == "tuple":
+        return [tuple(values[i:i + cols]) for i in spans]
+    return [values[i:i + cols].tolist() for i in spans]
 
 
 def unflatten(values: list, shape: list[int]):
@@ -345,9 +418,12 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
     atomic_write(path, chunks, rewrite=lambda: [(at, content_checksum(meta, hashes).encode())])
 
 
-def load_checkpoint(path) -> Checkpoint:
+def load_checkpoint(path, rows: str = "list") -> Checkpoint:
     """Read a checkpoint written by save_checkpoint; every problem is a CheckpointError naming
-    the file (a missing, unreadable or non-regular file too)."""
+    the file (a missing, unreadable or non-regular file too). rows: how matrices are built, one
+    of ROWS ("list" for training; "tuple" or "array" for decoding, see decode.py)."""
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
     path = os.fspath(path)
     try:
         f, size = open_regular(path)
@@ -357,14 +433,61 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint file: it {e}") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
+    enabled = gc.isenabled()
+    gc.disable()  # millions of new rows would trigger full collections that find no garbage
     try:
         with f:
-            return _load(f, path, size)
+            return _load(f, path, size, rows)
     except OSError as e:  # an I/O error while reading
         raise CheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def _load(f, path: str, size: int) -> Checkpoint:
+class _Hashes:
+    """The tensors' SHA-256s for the checksum, computed in one pass with the loading: each
+    tensor's bytes are hashed on a thread while the next one is converted (hashlib releases the
+    GIL on large buffers, so the hashing costs no wall time on a second core), instead of a
+    separate reading pass before loading."""
+
+    def __init__(self, f, path, tensors: dict, data_start: int):
+        self.f, self.path, self.tensors, self.data_start = f, path, tensors, data_start
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending, self.hashes = [], {}
+
+    def add(self, name: str, raw) -> None:
+        if len(self.pending) >= 2:  # at most two tensors' bytes wait: memory stays bounded
+            self._collect(self.pending.pop(0))
+        self.pending.append((name, self.pool.submit(lambda: hashlib.sha256(raw).hexdigest())))
+
+    def _collect(self, item) -> None:
+        name, future = item
+        info = self.tensors[name]
+        self.hashes[name] = [info["dtype"], info["shape"], future.result()]
+
+    def check(self, meta: dict) -> None:
+        """Hash what loading has not read (everything, after an early error), then compare:
+        a mismatch is reported as damage, before any other problem the damage caused."""
+        try:
+            for name, info in self.tensors.items():
+                if name not in self.hashes and all(n != name for n, _ in self.pending):
+                    begin, end = info["data_offsets"]
+                    self.add(name, _read_exactly(self.f, self.data_start + begin, end - begin,
+                                                 self.path))
+            while self.pending:
+                self._collect(self.pending.pop(0))
+        finally:
+            self.pool.shutdown()
+        if content_checksum(meta, self.hashes) != meta[CHECKSUM]:
+            raise CheckpointError(f"{self.path}: checksum mismatch: the file's contents are not "
+                                  f"what was saved (a changed byte, or tensors swapped or "
+                                  f"renamed): the file is damaged. (A file converted on purpose "
+                                  f"by another tool loads once its \"{CHECKSUM}\" metadata "
+                                  f"entry is removed.)")
+
+
+def _load(f, path: str, size: int, rows: str = "list") -> Checkpoint:
     header, data_start = read_header(f, path, size)
     meta = header.get("__metadata__", {})
     if meta.get("format") != FORMAT:
@@ -376,8 +499,38 @@ def _load(f, path: str, size: int) -> Checkpoint:
                               f"{brief(meta.get('format_version'))}; this puregpt reads version "
                               f"{FORMAT_VERSION}")
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    if CHECKSUM in meta:  # before anything is interpreted: damage is reported as damage
-        _verify_checksum(f, path, meta, tensors, data_start)
+    hashes = None
+    if CHECKSUM in meta:
+        if re.fullmatch("sha256:[0-9a-f]{64}", meta[CHECKSUM]) is None:
+            raise CheckpointError(f"{path}: bad metadata: checksum {brief(meta[CHECKSUM])} is "
+                                  f"not \"sha256:\" and 64 hex digits")
+        hashes = _Hashes(f, path, tensors, data_start)
+    try:
+        ckpt = _interpret(f, path, meta, tensors, data_start, rows, hashes)
+    except CheckpointError:
+        if hashes is not None:  # damage is reported as damage, whatever it broke first
+            hashes.check(meta)
+        raise
+    finally:
+        if hashes is not None:
+            hashes.pool.shutdown(wait=False)  # (check has joined it, unless I/O failed)
+    if hashes is not None:
+        hashes.check(meta)
+    return ckpt
+
+
+def _interpret(f, path: str, meta: dict, tensors: dict, data_start: int, rows: str,
+               hashes: _Hashes | None) -> Checkpoint:
+    """The checkpoint the header and data describe (the checksum is _load's business)."""
+
+    def read(name, info, kind="weight"):
+        raw = [] if hashes is not None else None
+        try:
+            return read_tensor_array(f, info, data_start, path, name, kind, raw)
+        finally:
+            if raw:
+                hashes.add(name, raw[0])
+
     unknown = [k for k in meta if k not in METADATA_KEYS]
     if unknown:
         raise CheckpointError(f"{path}: bad metadata: unknown entries {brief_names(unknown)} "
@@ -429,8 +582,7 @@ def _load(f, path: str, size: int) -> Checkpoint:
             raise CheckpointError(f"{path}: tensor {name} has shape "
                                   f"{brief(tensors[name]['shape'])}, the config needs "
                                   f"{list(shape)}")
-        params[name] = unflatten(read_tensor(f, tensors[name], data_start, path, name),
-                                 list(shape))
+        params[name] = _rows(read(name, tensors[name]), list(shape), rows)
     if opt_step is not None:
         optimizer = {"step": opt_step, "m": {}, "v": {}}
         for moment, kind in (("m", "moment"), ("v", "second moment")):
@@ -439,33 +591,13 @@ def _load(f, path: str, size: int) -> Checkpoint:
                 if key not in tensors or tuple(tensors[key]["shape"]) != shape:
                     raise CheckpointError(f"{path}: optimizer tensor {key} missing or "
                                           f"misshapen")
-                optimizer[moment][name] = read_tensor(f, tensors[key], data_start, path, key,
-                                                      kind)
+                optimizer[moment][name] = read(key, tensors[key], kind).tolist()
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         why = (" (optimizer moments without an optimizer_step)" if opt_step is None and
                all(n.startswith("optim.") for n in unexpected) else "")
         raise CheckpointError(f"{path}: unexpected tensors: {brief_names(unexpected)}{why}")
     return Checkpoint(config, tokenizer, params, step, train_config, optimizer, rng_state, trainer)
-
-
-def _verify_checksum(f, path: str, meta: dict, tensors: dict, data_start: int) -> None:
-    stored = meta[CHECKSUM]
-    if re.fullmatch("sha256:[0-9a-f]{64}", stored) is None:
-        raise CheckpointError(f"{path}: bad metadata: checksum {brief(stored)} is not "
-                              f"\"sha256:\" and 64 hex digits")
-    hashes = {}
-    for name, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"]):
-        begin, end = info["data_offsets"]
-        h = hashlib.sha256()
-        for chunk in _read_exactly(f, data_start + begin, end - begin, path):
-            h.update(chunk)
-        hashes[name] = [info["dtype"], info["shape"], h.hexdigest()]
-    if content_checksum(meta, hashes) != stored:
-        raise CheckpointError(f"{path}: checksum mismatch: the file's contents are not what was "
-                              f"saved (a changed byte, or tensors swapped or renamed): the file "
-                              f"is damaged. (A file converted on purpose by another tool loads "
-                              f"once its \"{CHECKSUM}\" metadata entry is removed.)")
 
 
 def _entry(meta: dict, key: str, default: str | None = None):

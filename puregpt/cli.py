@@ -1,4 +1,4 @@
-"""The `puregpt` command: train, sample, score, info, plot, export, import-hf (and
+"""The `puregpt` command: train, sample, score, info, explain, plot, export, import-hf (and
 `python -m puregpt`)."""
 
 from __future__ import annotations
@@ -112,13 +112,13 @@ def _given(args, helps: dict) -> dict:
     return {name: getattr(args, name) for name in helps if getattr(args, name, None) is not None}
 
 
-def _load(path: str):
+def _load(path: str, rows: str = "list"):
     if path == DEFAULT_RUN and not os.path.exists(path):
         raise CheckpointError("no model in ./run (the default): train one with `puregpt "
                               "train`, or name one: a run directory or checkpoint file as the "
                               "first word, or -m RUN")
     path = resolve_checkpoint(path)
-    return path, load_checkpoint(path)
+    return path, load_checkpoint(path, rows=rows)
 
 
 # --- naming the model: one convention for every command ----------------------------------------
@@ -211,11 +211,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from .model import num_params_of
     from .sample import check_shape, generate_text
     for flag, value in (("-n", args.num_samples), ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
-    path, ckpt = _load(_model_arg(args))
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: one per core), got {args.workers}")
+    path, ckpt = _load(_model_arg(args), rows="array")  # no float objects yet: a fast load
     docs = _is_docs(ckpt)
     rng = random.Random(args.seed)
     shape = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
@@ -226,15 +229,31 @@ def cmd_sample(args) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
-    for i in range(args.num_samples):
-        sys.stdout.write(args.prompt)
-        generate_text(ckpt.params, ckpt.config, ckpt.tokenizer, args.prompt, docs_mode=docs,
-                      max_new_tokens=args.max_new_tokens, stop=args.stop, rng=rng,
-                      on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                      **shape)
-        sys.stdout.write("\n" if docs else "\n\n" if i + 1 < args.num_samples else "\n")
-        sys.stdout.flush()
+    decoder = None
+    if args.workers != 1 or args.compact or num_params_of(ckpt.config) >= DECODER_FROM:
+        from .decode import Decoder
+        decoder = Decoder(ckpt.params, ckpt.config, "array" if args.compact else "tuple",
+                          args.workers)
+        ckpt.params = None  # the decoder holds what it needs (its own layout): free the rest
+        shape["tokens_from"] = decoder.generator()
+    try:
+        for i in range(args.num_samples):
+            sys.stdout.write(args.prompt)
+            generate_text(ckpt.params, ckpt.config, ckpt.tokenizer, args.prompt, docs_mode=docs,
+                          max_new_tokens=args.max_new_tokens, stop=args.stop, rng=rng,
+                          on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                          **shape)
+            sys.stdout.write("\n" if docs else "\n\n" if i + 1 < args.num_samples else "\n")
+            sys.stdout.flush()
+    finally:
+        if decoder is not None:
+            decoder.close()
     return 0
+
+
+# From this many parameters on, `sample` decodes with prepared weights (decode.Decoder) even on
+# one process: several times faster there; smaller models keep model.forward's exact numbers.
+DECODER_FROM = 1_000_000
 
 
 def cmd_score(args) -> int:
@@ -291,13 +310,55 @@ def cmd_info(args) -> int:
 
 def cmd_plot(args) -> int:
     from .fsutil import atomic_write
-    from .plot import read_metrics, render_loss_svg
-    metrics = os.path.join(args.run, "metrics.jsonl")
-    if not os.path.exists(metrics):
-        raise DataError(f"{args.run} has no metrics.jsonl (is it a run directory?)")
-    out = args.output or os.path.join(args.run, "loss.svg")
-    atomic_write(out, [render_loss_svg(read_metrics(metrics), log_scale=args.log_scale).encode()])
+    from .plot import read_metrics, render_loss_svg, render_runs_svg
+    if not 0.0 <= args.smooth < 1.0:
+        raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}")
+    for run in args.run:
+        if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+            raise DataError(f"{run} has no metrics.jsonl (is it a run directory?)")
+    metrics = [read_metrics(os.path.join(run, "metrics.jsonl")) for run in args.run]
+    if len(args.run) == 1:
+        out = args.output or os.path.join(args.run[0], "loss.svg")
+        svg = render_loss_svg(metrics[0], log_scale=args.log_scale, smooth=args.smooth)
+    else:  # several runs on one chart: one curve each, labelled by its directory
+        if not args.output:
+            raise ConfigError("plot of several runs: name the SVG file to write with -o FILE")
+        out = args.output
+        svg = render_runs_svg([(os.path.normpath(run), [rows])
+                               for run, rows in zip(args.run, metrics)],
+                              smooth=args.smooth, log_scale=args.log_scale)
+    atomic_write(out, [svg.encode()])
     print(out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import build_grid, compare, report_runs
+    if not 0.0 <= args.smooth < 1.0:
+        raise ConfigError(f"--smooth must be in [0, 1), got {args.smooth}")
+    if args.runs:  # compare RUN_A RUN_B ...: the report of existing runs
+        given = [name for name in ("data", "preset", "tokens") if getattr(args, name)]
+        given += list(_given(args, MODEL_HELP)) + list(_given(args, TRAIN_HELP))
+        if args.vary or given:
+            raise ConfigError("compare RUN...: reports on runs already trained; --vary and "
+                              "training flags (got " + ", ".join(
+                                  _flag(k) for k in (["vary"] if args.vary else []) + given)
+                              + ") belong to a new grid (without RUN arguments)")
+        numbers = report_runs(args.runs, args.out, args.baseline, args.smooth)
+    else:
+        if args.tokens is not None and args.steps is not None:
+            raise ConfigError("give --steps or --tokens, not both")
+        chosen = preset(args.preset or "default")
+        base_model = {**chosen["model"], **_given(args, MODEL_HELP)}
+        base_train = {**chosen["train"], **_given(args, TRAIN_HELP)}
+        grid = build_grid(base_model, base_train, args.vary or [], args.seeds, args.data,
+                          args.tokens, args.baseline)
+        numbers = compare(grid, args.out, args.jobs, args.smooth, args.quiet)
+    if not args.quiet:  # the ranking and the verdicts (the rest is in the report)
+        md = numbers["markdown"]
+        print(md[md.index("## Ranking"):md.index("## Loss curves")].rstrip())
+    print(f"report: {os.path.join(args.out, 'report.md')} and "
+          f"{os.path.join(args.out, 'report.html')}")
     return 0
 
 
@@ -326,6 +387,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    path, ckpt = _load(_model_arg(args))
+    return serve(ckpt, path, args.host, args.port)
+
+
 def cmd_import_hf(args) -> int:
     from .checkpoint import save_checkpoint
     from .hf import architecture, import_hf
@@ -333,7 +402,7 @@ def cmd_import_hf(args) -> int:
     if os.path.exists(args.out_ckpt) and not args.force:
         raise CheckpointError(f"{args.out_ckpt} already exists: choose another OUT_CKPT (or "
                               f"--force to replace it)")
-    ckpt = import_hf(args.hf_dir)
+    ckpt = import_hf(args.hf_dir, rows="array")  # array rows: saved without float objects
     if os.path.dirname(args.out_ckpt):
         os.makedirs(os.path.dirname(args.out_ckpt), exist_ok=True)
     save_checkpoint(args.out_ckpt, ckpt)
@@ -343,6 +412,31 @@ def cmd_import_hf(args) -> int:
           f", n_embd={cfg.n_embd}, n_head={cfg.n_head}, block_size={cfg.block_size}, "
           f"{cfg.vocab_size} {ckpt.tokenizer.kind} tokens, {cfg.activation}, "
           f"{'tied' if cfg.tie_embeddings else 'untied'} lm_head, {ckpt.trainer['mode']} mode")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain_model, render_page, to_json
+    from .fsutil import atomic_write
+    model_path, texts = _model_and_words(args)
+    if not texts:
+        raise ConfigError("give a TEXT to explain, e.g. puregpt explain run emma")
+    if len(texts) > 1 and args.model is None and (os.sep in texts[0] or
+                                                  texts[0].endswith(".safetensors")):
+        resolve_checkpoint(texts[0])  # a path meant as the model: say it does not exist
+    if len(texts) > 1:
+        raise ConfigError(f"explain takes one TEXT, got {len(texts)} words: quote a text with "
+                          f"spaces (puregpt explain {model_path} \"{' '.join(texts)}\")")
+    path, ckpt = _load(model_path)
+    data = explain_model(ckpt, texts[0])  # every check (empty text, vocabulary) before writing
+    page = render_page(data).encode()
+    if args.json:
+        atomic_write(args.json, [to_json(data).encode()])
+    atomic_write(args.output, [page])
+    for note in data["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(args.output + (f" and {args.json}" if args.json else "") + f": {path} on "
+          f"{len(data['inputs'])} tokens")
     return 0
 
 
@@ -425,6 +519,10 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "block_size for documents, 256 for continuous text)")
     s.add_argument("--stop", help="end a sample just before this string")
     s.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    s.add_argument("--workers", type=int, default=1, help="processes sharing each token's "
+                   "matrix-vector products (0: one per core; same tokens as one process)")
+    s.add_argument("--compact", action="store_true", help="keep the weights as arrays: 8 (or 4, "
+                   "imported float32) bytes a parameter instead of 40, decoding slower")
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("score", help="log-probability of documents under a model")
@@ -436,11 +534,60 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     _add_model_args(i)
     i.set_defaults(func=cmd_info)
 
-    pl = sub.add_parser("plot", help="draw a run's loss curves as SVG")
-    pl.add_argument("run", help="run directory")
+    x = sub.add_parser("explain", help="an x-ray page of a model on one text: attention, "
+                       "probabilities, gradients",
+                       description="Write one self-contained HTML page (no network needed) "
+                       "showing the model's real numbers on TEXT: each token's surprisal, every "
+                       "head's attention, the next-token probabilities with sampling controls, "
+                       "the residual stream, one training step's gradients, the ops in order and "
+                       "the token embeddings' PCA. For a stream-mode model TEXT is a prompt.")
+    _add_model_args(x, "TEXT", "the text to look at (one argument: quote spaces)")
+    x.add_argument("-o", "--output", default="explain.html", help="the page to write "
+                   "(default: explain.html)")
+    x.add_argument("--json", metavar="FILE", help="also write the page's numbers as JSON")
+    x.set_defaults(func=cmd_explain)
+
+    pl = sub.add_parser("plot", help="draw a run's loss curves as SVG (or several runs')")
+    pl.add_argument("run", nargs="+", metavar="RUN", help="run directory (several: one chart)")
     pl.add_argument("--log-scale", action="store_true", help="logarithmic loss axis")
-    pl.add_argument("-o", "--output", help="SVG file (default: DIR/loss.svg)")
+    pl.add_argument("--smooth", type=float, default=0.0, metavar="W", help="EMA smoothing of "
+                    "the train loss, weight W on the past in [0, 1) (default 0: raw)")
+    pl.add_argument("-o", "--output", help="SVG file (default for one run: DIR/loss.svg)")
     pl.set_defaults(func=cmd_plot)
+
+    cm = sub.add_parser(
+        "compare", help="train variants over several seeds side by side, and report what "
+        "each difference is worth",
+        description="Train every combination of the --vary values (over the settings of "
+        "--preset and the other flags), each with --seeds seeds, as run directories under "
+        "--out, --jobs at a time; then write OUT/report.md and OUT/report.html: a ranking, "
+        "each config against the baseline (Welch's t-test, 95% interval), the loss curves "
+        "and samples. The same command again resumes. With RUN arguments instead: the report "
+        "of runs already trained.")
+    cm.add_argument("runs", nargs="*", metavar="RUN", help="existing run directories to report "
+                    "on (runs differing only in seed are one config)")
+    cm.add_argument("--vary", action="append", metavar="FIELD=V1,V2", help="a setting and its "
+                    "values (repeatable: the grid is every combination), e.g. "
+                    "--vary norm-position=pre,post")
+    cm.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
+    cm.add_argument("--tokens", type=int, help="token budget per run instead of --steps (each "
+                    "config's steps: about this many training positions)")
+    cm.add_argument("--jobs", type=int, default=0, help="runs at once (default 0: one per "
+                    "core; each run uses one process)")
+    cm.add_argument("--baseline", metavar="FIELD=VALUE", help="the config the others are "
+                    "compared with (default: the first value of each --vary)")
+    cm.add_argument("--smooth", type=float, default=0.8, metavar="W", help="EMA smoothing of "
+                    "the curves in [0, 1) (default 0.8)")
+    cm.add_argument("--data", help="UTF-8 text file (default: the bundled US first names)")
+    cm.add_argument("--out", default="compare", help="directory of the runs and the report "
+                    "(default: ./compare)")
+    cm.add_argument("--preset", choices=list(PRESETS), help="named settings to start from")
+    cm.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_dataclass_flags(cm.add_argument_group(f"model (defaults: preset {active_preset!r})"),
+                         GPTConfig, MODEL_HELP, model_defaults)
+    _add_dataclass_flags(cm.add_argument_group(f"training (defaults: preset {active_preset!r})"),
+                         TrainConfig, TRAIN_HELP, train_defaults)
+    cm.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face GPT-2 or Llama "
                        "directory",
@@ -474,6 +621,19 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     ih.add_argument("out_ckpt", metavar="OUT_CKPT", help="the puregpt checkpoint file to write")
     ih.add_argument("--force", action="store_true", help="replace OUT_CKPT if it exists")
     ih.set_defaults(func=cmd_import_hf)
+
+    sv = sub.add_parser("serve", help="the x-ray page, live: generate and look inside, in a "
+                        "browser", description="Serve the model's x-ray page live from a local "
+                        "HTTP server: type a prompt, watch the tokens stream in as they are "
+                        "sampled, then click any token to see its attention and alternatives. "
+                        "It listens on 127.0.0.1 (this machine only) unless --host says "
+                        "otherwise; Ctrl-C stops it.")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                    "127.0.0.1: this machine only; 0.0.0.0: every network interface)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free "
+                    "port, printed)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -73,7 +73,7 @@ import shutil
 import sys
 from array import array
 
-from .checkpoint import Checkpoint, CheckpointError, read_header, read_tensor
+from .checkpoint import Checkpoint, CheckpointError, read_header, read_tensor, read_tensor_array
 from .config import MODEL_LIMITS, ConfigError, GPTConfig
 from .fsutil import (InputError, atomic_write, brief, brief_names, fsync_dir, open_regular,
                      parse_json, read_limited)
@@ -935,9 +935,12 @@ def _char_tokenizer(path: str, tj: dict, model: dict, added: list) -> CharTokeni
     return CharTokenizer(chars)
 
 
-def _read_weights(path: str, config: GPTConfig) -> dict:
+def _read_weights(path: str, config: GPTConfig, rows: str = "list") -> dict:
     """puregpt's parameters from a GPT-2 or Llama model.safetensors, one tensor at a time (seek
-    + read), each converted straight into puregpt's layout."""
+    + read), each converted straight into puregpt's layout. rows="array": matrices keep array
+    rows of the file's precision (transposed by array slicing, no float object made: what makes
+    `puregpt import-hf` of a GPT-2 fast); vectors are lists either way."""
+    read = read_tensor if rows == "list" else read_tensor_array
     llama = architecture(config) == "llama"
     model_name = "a LlamaForCausalLM" if llama else "a GPT-2 GPT2LMHeadModel"
     keys = ((("hidden_size", config.n_embd), ("num_hidden_layers", config.n_layer),
@@ -983,11 +986,13 @@ def _read_weights(path: str, config: GPTConfig) -> dict:
             raise CheckpointError(f"{path}: {too_big.removesuffix(': ')}")
         params = {}
         for name, shape, how, names in layout:
-            values = read_tensor(f, tensors[name][1], data_start, path, tensors[name][0])
+            values = read(f, tensors[name][1], data_start, path, tensors[name][0])
+            if len(shape) == 1:
+                values = list(values)
             params.update(_from_hf(how, values, shape, names, config))
         if "lm_head.weight" in tensors and config.tie_embeddings:
             name = tensors["lm_head.weight"][0]
-            head = read_tensor(f, tensors["lm_head.weight"][1], data_start, path, name)
+            head = read(f, tensors["lm_head.weight"][1], data_start, path, name)
             C = config.n_embd
             if any(head[r * C:(r + 1) * C] != row for r, row in enumerate(params["wte"])):
                 raise CheckpointError(
@@ -1024,7 +1029,7 @@ def _more(items: list, shown: int) -> str:
     return f"\n  and {len(items) - shown} more" if len(items) > shown else ""
 
 
-def import_hf(hf_dir) -> Checkpoint:
+def import_hf(hf_dir, rows: str = "list") -> Checkpoint:
     """Read a Hugging Face GPT-2 or Llama directory (config.json with model_type "gpt2" or
     "llama", model.safetensors in F64/F32/F16/BF16, and vocab.json + merges.txt or a
     tokenizer.json: GPT-2's byte-level BPE, or a character vocabulary written by export_hf) into
@@ -1040,6 +1045,8 @@ def import_hf(hf_dir) -> Checkpoint:
     (tie_embeddings=False). Every problem raises CheckpointError naming the file, key or tensor.
     The checkpoint's trainer metadata gives the mode `puregpt sample` and `score` use: "stream"
     (continuous text) unless config.json's "puregpt" section, written by export_hf, says "docs".
+    rows: "list" (rows of floats, for training) or "array" (array rows as the file holds them,
+    for saving straight away: save_checkpoint keeps float32 data as F32).
     """
     hf_dir = os.fspath(hf_dir)
     if not os.path.isdir(hf_dir):
@@ -1067,7 +1074,7 @@ def import_hf(hf_dir) -> Checkpoint:
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json says vocab_size={config.vocab_size}")
-    params = _read_weights(weights_path, config)
+    params = _read_weights(weights_path, config, rows)
     mode = extra.get("mode") if extra.get("mode") in ("docs", "stream") else "stream"
     return Checkpoint(config, tokenizer, params, step=0,
                       trainer={"mode": mode, "imported_from": os.path.abspath(hf_dir)})

@@ -128,7 +128,7 @@ def zeros_like(params: dict) -> dict:
 
 
 def num_params(params: dict) -> int:
-    return sum(len(t) * (len(t[0]) if isinstance(t[0], list) else 1) for t in params.values())
+    return sum(len(t) * (1 if isinstance(t[0], float) else len(t[0])) for t in params.values())
 
 
 @lru_cache(maxsize=8)

@@ -38,6 +38,33 @@ class WorkerError(RuntimeError):
     """A worker process failed; the message says which and how."""
 
 
+def stop_workers(conns, procs, send_stop) -> None:
+    """Ask each worker to stop (send_stop(conn)), then wait for it; one that lingers past 5 s is
+    terminated. Workers already gone are fine."""
+    for conn in conns:
+        try:
+            send_stop(conn)
+        except (OSError, ValueError):
+            pass
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+
+
+def receive(conn, proc, died):
+    """The next message from a worker process, polling its liveness while waiting: a worker
+    that is gone (dead, or its pipe broken) raises died(), a WorkerError naming it."""
+    while not conn.poll(POLL_SECONDS):
+        if not proc.is_alive():
+            raise died()
+    try:
+        return conn.recv()
+    except (EOFError, OSError):  # the pipe broke: the worker is gone
+        raise died() from None
+
+
 def _layout(params: dict):
     """(name, offset, rows, cols) of each tensor in the flat buffer (cols = 0 for a vector)."""
     layout, offset = [], 0
@@ -154,14 +181,7 @@ class WorkerPool:
                            f"{proc.exitcode}); training stopped")
 
     def _receive(self, i: int):
-        conn, proc = self.conns[i], self.procs[i]
-        while not conn.poll(POLL_SECONDS):
-            if not proc.is_alive():
-                raise self._died(i)
-        try:
-            reply = conn.recv()
-        except (EOFError, OSError):  # the pipe broke: the worker is gone
-            raise self._died(i) from None
+        reply = receive(self.conns[i], self.procs[i], lambda: self._died(i))
         if reply[0] == "error":
             raise WorkerError(f"worker process {i + 1} failed:\n{reply[1]}")
         return reply[1:]
@@ -215,16 +235,7 @@ class WorkerPool:
         """Stop the workers and free the shared memory (safe to call twice)."""
         if self.weights is None:
             return
-        for conn in self.conns:
-            try:
-                conn.send(("stop",))
-            except (OSError, ValueError):
-                pass
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
+        stop_workers(self.conns, self.procs, lambda conn: conn.send(("stop",)))
         for mem in [self.weights] + self.grad_mems:
             mem.close()
             mem.unlink()

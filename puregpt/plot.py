@@ -136,21 +136,30 @@ def _text(x: float, y: float, s: str, **attrs) -> str:
     return f'<text x="{_c(x)}" y="{_c(y)}"{extra}>{_esc(s)}</text>'
 
 
-def render_loss_svg(rows: list[dict], log_scale: bool = False, title: str = "puregpt training loss",
-                    width: int = 720, height: int = 420, max_points: int = 2000) -> str:
-    """The train and validation loss curves of `rows` (metrics.jsonl records) as an SVG document."""
-    curves = [(name, color, sw, _downsample(_series(rows, key, log_scale), max_points))
-              for name, key, color, sw in CURVES]
-    curves = [c for c in curves if c[3]]
-    xs = [p[0] for c in curves for p in c[3]]
-    ys = [p[1] for c in curves for p in c[3]]
+def ema(values: list[float], smooth: float) -> list[float]:
+    """Exponential moving average with weight `smooth` on the past (0: the values unchanged),
+    debiased as TensorBoard does: s_t = smooth s_(t-1) + (1 - smooth) x_t, divided by
+    1 - smooth^t so that the first points are not dragged toward zero."""
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smooth}")
+    out, s = [], 0.0
+    for t, x in enumerate(values, 1):
+        s = smooth * s + (1.0 - smooth) * x
+        out.append(s / (1.0 - smooth ** t))
+    return out
+
+
+def _frame(xs: list[float], ys: list[float], log_scale: bool, title: str, width: int,
+           height: int, plot_height: int):
+    """The SVG's opening, axes, ticks, grid, labels and title for data spanning xs and ys;
+    returns (lines so far, px, py): the pixel of a step and of a loss."""
     x0, x1, xticks = _linear_ticks(*_span(xs, 1.0), min_step=1.0)  # steps are whole numbers
     if log_scale:
         y0, y1, yticks = _log_ticks(min(ys), max(ys)) if ys else _log_ticks(1.0, 10.0)
     else:
         y0, y1, yticks = _linear_ticks(*_span(ys, 1e-3, 0.03))
     f = math.log10 if log_scale else (lambda v: v)
-    pw, ph = width - LEFT - RIGHT, height - TOP - BOTTOM
+    pw, ph = width - LEFT - RIGHT, plot_height
     px = lambda x: LEFT + (x - x0) / (x1 - x0) * pw
     py = lambda y: TOP + ph - (f(y) - f(y0)) / (f(y1) - f(y0)) * ph
 
@@ -173,14 +182,38 @@ def render_loss_svg(rows: list[dict], log_scale: bool = False, title: str = "pur
         out.append(_text(LEFT - 8, py(t) + 4, lab, text_anchor="end", class_="tick y"))
     out.append(f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
     ylab = "loss (nats/token, log scale)" if log_scale else "loss (nats/token)"
-    out.append(_text(LEFT + pw / 2, height - 10, "step", text_anchor="middle",
+    out.append(_text(LEFT + pw / 2, TOP + ph + BOTTOM - 10, "step", text_anchor="middle",
                      class_="axis-label x"))
     out.append(_text(14, TOP + ph / 2, ylab, text_anchor="middle", class_="axis-label y",
                      transform=f"rotate(-90 14 {_c(TOP + ph / 2)})"))
     out.append(_text(LEFT, 26, title, font_size="16", font_weight="600", class_="title"))
+    if not xs:
+        out.append(_text(LEFT + pw / 2, TOP + ph / 2, "no data yet", text_anchor="middle",
+                         font_size="16", fill="#999", class_="empty"))
+    return out, px, py
 
+
+def _path_d(pts, px, py) -> str:
+    return "M" + " L".join(f"{_c(px(x))} {_c(py(y))}" for x, y in pts)
+
+
+def render_loss_svg(rows: list[dict], log_scale: bool = False, title: str = "puregpt training loss",
+                    width: int = 720, height: int = 420, max_points: int = 2000,
+                    smooth: float = 0.0) -> str:
+    """The train and validation loss curves of `rows` (metrics.jsonl records) as an SVG document;
+    `smooth`: EMA weight of the train curve (0: raw)."""
+    curves = []
+    for name, key, color, sw in CURVES:
+        pts = _series(rows, key, log_scale)
+        if smooth and key == "loss":
+            pts = list(zip([s for s, _ in pts], ema([v for _, v in pts], smooth)))
+        curves.append((name, color, sw, _downsample(pts, max_points)))
+    curves = [c for c in curves if c[3]]
+    xs = [p[0] for c in curves for p in c[3]]
+    ys = [p[1] for c in curves for p in c[3]]
+    out, px, py = _frame(xs, ys, log_scale, title, width, height, height - TOP - BOTTOM)
     for name, color, sw, pts in curves:
-        d = "M" + " L".join(f"{_c(px(x))} {_c(py(y))}" for x, y in pts)
+        d = _path_d(pts, px, py)
         if len(pts) == 1:
             d, sw = d + " h 0", 6  # a zero-length stroke with round caps draws a dot
         out.append(f'<path class="curve {name}" id="curve-{name}" d="{d}" fill="none" '
@@ -193,7 +226,77 @@ def render_loss_svg(rows: list[dict], log_scale: bool = False, title: str = "pur
         out.append(f'<line x1="{lx}" y1="22" x2="{lx + 20}" y2="22" stroke="{color}" '
                    f'stroke-width="{min(sw, 3)}" stroke-linecap="round"/>')
         out.append(_text(lx + 26, 26, name, class_="legend"))
-    if not curves:
-        out.append(_text(LEFT + pw / 2, TOP + ph / 2, "no data yet", text_anchor="middle",
-                         font_size="16", fill="#999", class_="empty"))
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# Colours of the groups of render_runs_svg, in order (Tableau 10: distinct, colour-blind aware).
+PALETTE = ("#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948",
+           "#ff9da7", "#9c755f", "#bab0ac")
+
+
+def group_curves(runs: list[list[dict]], smooth: float = 0.0, log_scale: bool = False):
+    """The curves of one group of runs (a config's seeds): (steps, mean, low, high) of the
+    EMA-smoothed train loss over the steps every run has reached (low/high: the seeds' spread),
+    and (step, mean) of the validation loss at the evaluations every run has made."""
+    train = [_series(rows, "loss", log_scale) for rows in runs]
+    train = [dict(zip([s for s, _ in pts], ema([v for _, v in pts], smooth))) for pts in train]
+    train = [t for t in train if t]
+    steps = sorted(set.intersection(*(set(t) for t in train))) if train else []
+    curve = [(s, [t[s] for t in train]) for s in steps]
+    vals = [dict(_series(rows, "val_loss", log_scale)) for rows in runs]
+    vals = [v for v in vals if v]
+    vsteps = sorted(set.intersection(*(set(v) for v in vals))) if vals else []
+    return ([(s, sum(v) / len(v), min(v), max(v)) for s, v in curve],
+            [(s, sum(v[s] for v in vals) / len(vals)) for s in vsteps])
+
+
+def render_runs_svg(groups: list[tuple[str, list[list[dict]]]], smooth: float = 0.0,
+                    log_scale: bool = False, title: str = "puregpt: loss curves compared",
+                    width: int = 760, height: int = 440, max_points: int = 600) -> str:
+    """Several groups of runs on one chart: per group (label, the metrics rows of each of its
+    runs), the mean of its runs' smoothed train loss as a curve (<path class="curve group">),
+    the runs' spread as a band (<polygon class="band">, min to max over the runs), and its mean
+    validation loss at each evaluation as dots (<circle class="val">). The legend sits under
+    the plot, so it never hides a curve."""
+    drawn = []
+    for i, (label, runs) in enumerate(groups):
+        curve, vals = group_curves(runs, smooth, log_scale)
+        stride = max(1, math.ceil(len(curve) / max_points))  # every k-th step: mean and band align
+        curve = curve[::stride] + ([curve[-1]] if curve and (len(curve) - 1) % stride else [])
+        drawn.append((label, PALETTE[i % len(PALETTE)], curve, vals))
+    xs = [p[0] for _, _, c, v in drawn for p in c + v]
+    ys = [y for _, _, c, v in drawn for p in c for y in p[1:]] + \
+         [p[1] for _, _, _, v in drawn for p in v]
+    per_row = max(1, (width - LEFT - RIGHT) // 230)  # legend entries per row
+    rows = math.ceil(len(drawn) / per_row)
+    plot_height = height - TOP - BOTTOM
+    total = height + 20 * rows
+    out, px, py = _frame(xs, ys, log_scale, title, width, total, plot_height)
+    for label, color, curve, vals in drawn:
+        if len(curve) > 1 and any(lo != hi for _, _, lo, hi in curve):
+            pts = [(s, hi) for s, _, _, hi in curve] + [(s, lo) for s, _, lo, _ in curve[::-1]]
+            out.append(f'<polygon class="band" points="'
+                       + " ".join(f"{_c(px(x))},{_c(py(y))}" for x, y in pts)
+                       + f'" fill="{color}" fill-opacity="0.18" stroke="none"/>')
+    for label, color, curve, vals in drawn:
+        if curve:
+            d = _path_d([(s, m) for s, m, _, _ in curve], px, py)
+            out.append(f'<path class="curve group" data-label="{_esc(label)}" d="'
+                       f'{d + (" h 0" if len(curve) == 1 else "")}" fill="none" stroke="{color}" '
+                       f'stroke-width="{6 if len(curve) == 1 else 1.6}" stroke-linejoin="round" '
+                       'stroke-linecap="round"/>')
+        for s, v in vals:
+            out.append(f'<circle class="val" data-label="{_esc(label)}" cx="{_c(px(s))}" '
+                       f'cy="{_c(py(v))}" r="3.5" fill="#fff" stroke="{color}" '
+                       'stroke-width="2"/>')
+    y = TOP + plot_height + BOTTOM + 6
+    for i, (label, color, _, _) in enumerate(drawn):
+        lx, ly = LEFT + (i % per_row) * 230, y + (i // per_row) * 20
+        out.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 20}" y2="{ly}" stroke="{color}" '
+                   'stroke-width="3" stroke-linecap="round"/>')
+        out.append(_text(lx + 26, ly + 4, label, class_="legend"))
+    note = "train loss: mean over runs (band: their range)" + (
+        f", EMA {smooth:g}" if smooth else "") + "; dots: validation loss"
+    out.append(_text(width - RIGHT, TOP - 8, note, text_anchor="end", font_size="11",
+                     fill="#666", class_="note"))
     return "\n".join(out + ["</svg>"]) + "\n"

@@ -107,13 +107,15 @@ def generate(params: dict, config, context: list[int], max_new_tokens: int,
 def stream_text(params, config, tokenizer, prompt: str = "", docs_mode: bool = True,
                 max_new_tokens: int | None = None, stop: str | None = None,
                 rng: random.Random | None = None, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, greedy: bool = False) -> Iterator[str]:
+                top_p: float = 1.0, greedy: bool = False, tokens_from=None) -> Iterator[str]:
     """Generate one document (docs mode: it starts after BOS and ends at BOS) or a continuation
     of text (stream mode), yielding the new text piece by piece as tokens are produced (the
     prompt is not repeated). Stops at BOS, after max_new_tokens (default: block_size in docs
     mode, 256 in stream mode), or just before the first occurrence of `stop`.
 
     The prompt and the sampling settings are checked here, before anything is generated.
+    tokens_from: what produces the tokens, a function with generate's signature (default
+    generate; decode.Decoder.generator() decodes with prepared weights, on several processes).
     """
     if not greedy:  # greedy ignores the shaping settings
         check_shape(temperature, top_k, top_p)
@@ -121,9 +123,10 @@ def stream_text(params, config, tokenizer, prompt: str = "", docs_mode: bool = T
     context = prompt_ids if (prompt_ids and not docs_mode) else [tokenizer.bos] + prompt_ids
     if max_new_tokens is None:
         max_new_tokens = config.block_size if docs_mode else 256
-    tokens = generate(params, config, context, max_new_tokens, rng or random.Random(),
-                      temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                      stop_token=tokenizer.bos)
+    tokens = (tokens_from or generate)(params, config, context, max_new_tokens,
+                                       rng or random.Random(), temperature=temperature,
+                                       top_k=top_k, top_p=top_p, greedy=greedy,
+                                       stop_token=tokenizer.bos)
     return _pieces(tokens, tokenizer, stop)
 
 

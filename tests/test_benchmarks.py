@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -104,12 +105,15 @@ def test_train_large(tmp_path):
     for rates in r["dot_rates"].values():
         assert positive(rates["sum_map_mul"], rates["engine_matmul"])
     assert positive(r["ceiling_macs_per_s"], r["fraction_of_ceiling"])
+    # the step's products replayed alone: a part of the step, so below its time (with noise)
+    assert r["products"]["calls"] > 0 and positive(r["products"]["seconds"])
+    assert r["fraction_of_products"] == r["products"]["seconds"] / r["single"]["best_step_seconds"]
     w = r["workers"]
     assert w["n"] == 2 and positive(w["speedup"])
     assert w["max_grad_rel_diff"] <= 1e-9 and w["max_loss_diff"] <= 1e-9
     assert isinstance(w["identical_1e-12"], bool) and len(w["checks"]) == r["steps"]
     assert r["targets"] == {"fraction_of_ceiling": 0.8, "workers_speedup": 1.8,
-                            "workers_tolerance": 1e-12}
+                            "workers_tolerance": 1e-12, "fraction_of_products": 0.85}
 
 
 def test_sample(tmp_path):
@@ -117,6 +121,34 @@ def test_sample(tmp_path):
     assert r["identical"] is True
     assert r["tokens"] == r["contexts"] * r["new_tokens_per_context"] > 0
     assert positive(r["kv_cache"]["tokens_per_s"], r["naive"]["tokens_per_s"], r["speedup"])
+    m = r["microgpt"]
+    if HAVE_TORCH:  # microgpt-size decoding vs PyTorch eager's KV cache: same tokens asserted
+        assert m["identical"] is True and m["tokens"] == m["contexts"] * 14 > 0
+        assert positive(*m["tokens_per_s"].values(), m["decoder_over_torch"])
+    else:
+        assert m == {"skipped": "torch not installed"}
+
+
+def test_gpt2(tmp_path):
+    """The GPT-2-shape benchmark at a small shape: import-hf, load, decoding in every layout and
+    process count (identical tokens asserted by the benchmark), the memory figures."""
+    r, stdout = run_bench("gpt2", tmp_path)
+    assert r["identical_tokens"] is True and r["params"] > 0
+    assert positive(r["import_hf"]["wall_s"], r["import_hf"]["cpu_s"],
+                    r["import_hf"]["bytes_per_param"])
+    for name in ("one", "two", "compact", "compact_two"):
+        d = r["decode"][name]
+        assert len(d["tokens"]) == r["new_tokens"] == 3
+        assert positive(d["tokens_per_s"], d["tokens_per_cpu_s"], d["ready"]["wall_s"],
+                        d["bytes_per_param"])
+    assert "gpt2 decode" in stdout
+
+
+def test_compare(tmp_path):
+    r, _ = run_bench("compare", tmp_path)
+    assert r["identical"] is True and r["runs"] == 4 and r["target"] == 0.6
+    assert positive(r["jobs1_seconds"], r["jobs2_seconds"])
+    assert r["ratio"] == r["jobs2_seconds"] / r["jobs1_seconds"]
 
 
 def test_memory(tmp_path):
@@ -135,6 +167,25 @@ def test_notebook(tmp_path):
     assert positive(r["run_all_seconds"]) and r["run_all_seconds"] >= r["cells_seconds"] > 0
     assert r["meets_target"] is None and "- (--quick)" in stdout  # the target: full runs only
     assert len(r["slowest_cells"]) == 3 and r["slowest_cells"][0][0] >= r["slowest_cells"][1][0]
+
+
+def test_train_large_records_every_product_of_a_step():
+    """The products replayed alone are the step's: per layer, forward Q K V, O, fc1, fc2 and per
+    sequence and head one a.v product, backward dX and dW of each linear layer and three
+    attention products per head; lm_head's forward, dX and dW; and one ops.dots call per query
+    and head in each direction. The replay gives the recorded calls' results again."""
+    bench = load_run().BENCHMARKS["train-large"]
+    cfg, _, params, batch, *_ = bench.large_setup(bench.QUICK)
+    B, T, H, L = bench.QUICK["large_batch"], cfg.block_size, cfg.n_head, cfg.n_layer
+    calls = bench.record_products(params, cfg, batch(0))
+    names = [f.__name__ for f, _, _ in calls]
+    assert names.count("matmul") == L * (4 + B * H + 8 + 3 * B * H) + 3
+    assert names.count("dots") == L * B * H * T * 2
+    f, A, Bm = calls[0]  # the first layer's stacked Q, K, V product: (N, C) x (3C, C)
+    assert (len(A), len(Bm), len(A[0])) == (B * T, 3 * cfg.n_embd, cfg.n_embd)
+    row = f(A, Bm)[0]
+    assert max(abs(c - math.fsum(x * y for x, y in zip(A[0], b))) for c, b in zip(row, Bm)) < 1e-12
+    assert bench.products_seconds(calls[:5], trials=1) > 0
 
 
 def test_mac_formula():
@@ -225,3 +276,15 @@ def test_bad_command_line_is_refused_before_anything_runs(words, message):
     proc = subprocess.run([sys.executable, str(RUN), *words], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def test_explain(tmp_path):
+    r, stdout = run_bench("explain", tmp_path)
+    for key in ("default", "large"):
+        m = r[key]
+        assert m["tokens"] == 16 and positive(m["seconds_per_page"], m["step_seconds"],
+                                              m["page_over_step"], m["page_bytes"])
+        assert m["seconds_per_page"] == min(m["seconds_all"])
+    assert r["default"]["mode"] == "docs" and r["default"]["config"]["n_embd"] == 32
+    assert r["checked"] is True and r["target_seconds"] == 1.0
+    assert isinstance(r["meets_target"], bool) and "### explain: seconds per x-ray page" in stdout

@@ -85,6 +85,12 @@ def test_runs_top_to_bottom(monkeypatch):
     assert first > 3.0 and last < 2.6, (first, last)  # 300 steps learned something
     for label in ("T = 0.5", "T = 1.5", "top-k 3", "top-p 0.5"):
         assert label in text
+    # the x-ray: the trained model's own numbers, and its page inline
+    assert "layer 0, head 0 attention" in text and "the likeliest next tokens" in text
+    assert "largest gradients of one step on this name" in text
+    pages = [o["data"]["text/html"] for o in outputs
+             if o.get("data", {}).get("text/html", "").startswith("<iframe srcdoc=")]
+    assert len(pages) == 1 and "puregpt-data" in pages[0]  # the page's inlined JSON
     assert sorted(p.name for p in NOTEBOOK.parent.iterdir()) == before  # it wrote no files
     assert all(not c["outputs"] for c in code_cells(json.loads(NOTEBOOK.read_text())))  # clean
 

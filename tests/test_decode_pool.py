@@ -1,0 +1,257 @@
+"""decode.py: decoding with prepared weights equals model.forward (within 1e-9: the products
+round differently, ~1e-16 relative), and several processes equal one exactly: the same logits
+bit for bit (so within any tolerance, 1e-12 stated), the same tokens. The compact layout equals
+the tuple layout exactly; a worker that dies is an error naming it, not a hang. Also the
+checkpoint loader's row layouts against an independent reader (struct, one value at a time,
+and the safetensors library)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import struct
+import time
+from array import array
+
+import pytest
+
+from conftest import COMBOS, combo_id, perturbed_params, tiny_config
+from puregpt import api, model
+from puregpt.bpe import BPETokenizer
+from puregpt.checkpoint import Checkpoint, load_checkpoint, read_header, save_checkpoint
+from puregpt.config import GPTConfig
+from puregpt.decode import Decoder, prepare_matrix
+from puregpt.parallel import WorkerError
+from puregpt.sample import generate, stream_text
+from puregpt.tokenizer import CharTokenizer
+
+TOL_FORWARD = 1e-9  # prepared products vs model.forward's: different rounding, ~1e-16 relative
+TOL_PROCESSES = 1e-12  # several processes vs one (in fact bit-identical: asserted too)
+
+
+def logits_by_step(decoder, tokens):
+    kv = model.new_kv_cache(decoder.config)
+    return [decoder.step(t, kv) for t in tokens]
+
+
+def max_diff(A, B) -> float:
+    return max(abs(a - b) for ra, rb in zip(A, B) for a, b in zip(ra, rb))
+
+
+@pytest.mark.parametrize("layout", ["tuple", "array"])
+def test_one_process_equals_forward_every_combination(combo, layout):
+    """Every architecture switch: the decoder's logits at each position equal model.forward's
+    over the whole sequence (no cache) and, position by position, over the KV cache."""
+    cfg = tiny_config(combo)
+    params = perturbed_params(cfg)
+    tokens = [random.Random(1).randrange(cfg.vocab_size) for _ in range(cfg.block_size)]
+    with Decoder(params, cfg, layout) as d:
+        got = logits_by_step(d, tokens)
+    full, _ = model.forward(params, cfg, [tokens])
+    assert max_diff(got, full) < TOL_FORWARD
+    kv = model.new_kv_cache(cfg)
+    cached = [model.forward(params, cfg, [[t]], kv=kv, start_pos=i)[0][0]
+              for i, t in enumerate(tokens)]
+    assert max_diff(got, cached) < TOL_FORWARD
+
+
+# a few configurations for the multi-process tests (each starts worker processes)
+POOL_COMBOS = [c for c in COMBOS if (c["bias"], c["tie_embeddings"], c["norm"]) in {
+    (True, True, "layernorm"), (False, False, "rmsnorm"), (True, False, "rmsnorm"),
+    (False, True, "layernorm")} and c["activation"] != "relu"][::6]
+
+
+@pytest.mark.parametrize("combo", POOL_COMBOS, ids=combo_id)
+@pytest.mark.parametrize("layout", ["tuple", "array"])
+def test_processes_equal_one_process(combo, layout):
+    """2 and 3 processes: the same logits bit for bit, position by position over the KV cache
+    and through a sliding window (past block_size the cache is rebuilt), hence the same tokens,
+    greedy and sampled."""
+    cfg = tiny_config(combo, vocab_size=11, n_embd=12, n_head=3)
+    params = perturbed_params(cfg, seed=3)
+    tokens = [random.Random(2).randrange(cfg.vocab_size) for _ in range(cfg.block_size)]
+    with Decoder(params, cfg, layout) as one:
+        ref = logits_by_step(one, tokens)
+        ref_tokens = [list(one.generate([1, 2], 20, random.Random(s), greedy=(s == 0)))
+                      for s in range(3)]
+    for n in (2, 3):
+        with Decoder(params, cfg, layout, workers=n) as many:
+            assert len(many.procs) == n - 1
+            got = logits_by_step(many, tokens)
+            assert max_diff(got, ref) <= TOL_PROCESSES
+            assert got == ref  # bit-identical
+            assert [list(many.generate([1, 2], 20, random.Random(s), greedy=(s == 0)))
+                    for s in range(3)] == ref_tokens
+
+
+def test_compact_layout_equals_tuple_layout():
+    """array rows (the compact layout) give exactly the tuple layout's logits and tokens."""
+    cfg = GPTConfig(**{**tiny_config(COMBOS[-1]).to_dict(), "n_embd": 16, "vocab_size": 30})
+    params = perturbed_params(cfg, seed=5)
+    tokens = list(range(cfg.block_size))
+    with Decoder(params, cfg, "tuple") as fast, Decoder(params, cfg, "array") as compact:
+        assert logits_by_step(fast, tokens) == logits_by_step(compact, tokens)
+        assert (list(fast.generate([0], 30, random.Random(4)))
+                == list(compact.generate([0], 30, random.Random(4))))
+
+
+def test_decoder_tokens_equal_sample_generate():
+    """Greedy tokens through a sliding window equal sample.generate's (the model.forward path)."""
+    cfg = tiny_config(COMBOS[7], vocab_size=20, n_embd=16)
+    params = perturbed_params(cfg, seed=9)
+    ref = list(generate(params, cfg, [3, 4], 25, random.Random(0), greedy=True))
+    with Decoder(params, cfg) as d:
+        assert list(d.generate([3, 4], 25, random.Random(0), greedy=True)) == ref
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_matvec_rows_of_unequal_lengths(scale):
+    """Rows within a factor 4 of each other take the rho rescaling; wider spreads unit rows;
+    either way each product is within 1e-15 |x||b| of the exact (fsum) dot product."""
+    rng = random.Random(0)
+    rows = [[rng.gauss(0, 1) * (scale if i % 2 else 1.0) for _ in range(40)] for i in range(9)]
+    x = [rng.gauss(0, 3) for _ in range(40)]
+    for layout in ("tuple", "array"):
+        m = prepare_matrix(rows, layout)
+        assert (m.rho is None) == (scale != 1.0) or hasattr(math, "sumprod")
+        for got, r in zip(m.matvec(x), rows):
+            exact = math.fsum(a * b for a, b in zip(r, x))
+            assert abs(got - exact) <= 1e-15 * math.hypot(*r) * math.hypot(*x) * 4
+    assert prepare_matrix(rows).matvec([0.0] * 40) == [0.0] * 9
+
+
+def test_bpe_model_text_equal_across_processes():
+    """A BPE tokenizer's text through stream_text, one process vs two."""
+    tok = BPETokenizer.train("the theme of the thing then " * 20, 265)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=16, n_head=2, block_size=12,
+                    norm="layernorm", norm_affine=True, bias=True, tie_embeddings=True,
+                    activation="gelu_tanh", init_std=0.3)
+    params = model.init_params(cfg, random.Random(1))
+    texts = []
+    for n in (1, 2):
+        with Decoder(params, cfg, workers=n) as d:
+            texts.append("".join(stream_text(params, cfg, tok, "the", docs_mode=False,
+                                             max_new_tokens=30, rng=random.Random(7),
+                                             tokens_from=d.generator())))
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_api_stream_workers_and_compact_give_the_same_text():
+    cfg = tiny_config(COMBOS[3], vocab_size=9)
+    params = perturbed_params(cfg)
+    ckpt = Checkpoint(cfg, CharTokenizer(list("abcdefgh")), params,
+                      trainer={"mode": "stream"})
+    outs = [api.generate(ckpt, "ab", max_new_tokens=12, seed=3, **kw)
+            for kw in ({"workers": 1, "compact": True}, {"workers": 2},
+                       {"workers": 2, "compact": True})]
+    with Decoder(params, cfg) as d:
+        ref = "ab" + "".join(stream_text(params, cfg, ckpt.tokenizer, "ab", docs_mode=False,
+                                         max_new_tokens=12, rng=random.Random(3),
+                                         temperature=0.5, tokens_from=d.generator()))
+    assert outs == [ref] * 3
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        api.generate(ckpt, "a", workers=-1)
+    with pytest.raises(TypeError, match="compact"):
+        api.generate(ckpt, "a", compact=1)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    cfg = tiny_config(COMBOS[0])
+    params = perturbed_params(cfg)
+    d = Decoder(params, cfg, workers=2)
+    try:
+        kv = model.new_kv_cache(cfg)
+        d.step(1, kv)
+        os.kill(d.procs[0].pid, signal.SIGKILL)
+        d.procs[0].join(5)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=r"worker process 1 \(pid \d+\) died"):
+            for t in range(2, 6):
+                d.step(t, kv)
+        assert time.monotonic() - t0 < 10
+    finally:
+        d.close()
+    d.close()  # twice is fine
+    assert not d.procs
+
+
+def test_bad_arguments():
+    cfg = tiny_config(COMBOS[0])
+    params = perturbed_params(cfg)
+    with pytest.raises(ValueError, match="layout"):
+        Decoder(params, cfg, "list")
+    with pytest.raises(ValueError, match="workers"):
+        Decoder(params, cfg, workers=-2)
+    with Decoder(params, cfg) as d:
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            d.step(cfg.vocab_size, model.new_kv_cache(cfg))
+        with pytest.raises(ValueError, match="at least one token"):
+            list(d.generate([], 3, random.Random(0)))
+
+
+# --- loading: every row layout holds the file's values, bit for bit ------------------------
+
+
+def reference_read(path):
+    """An independent reader: the header's offsets, then struct, one value at a time."""
+    with open(path, "rb") as f:
+        header, start = read_header(f, str(path), os.path.getsize(path))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        code = {"F64": "<d", "F32": "<f"}[info["dtype"]]
+        size = struct.calcsize(code)
+        out[name] = [struct.unpack_from(code, data, a + i)[0] for i in range(0, b - a, size)]
+    return out
+
+
+def as_bits(values):
+    return array("d", values).tobytes()
+
+
+@pytest.mark.parametrize("rows", ["list", "tuple", "array"])
+def test_loading_is_bit_identical_in_every_row_layout(tmp_path, rows):
+    cfg = tiny_config(COMBOS[5])
+    params = perturbed_params(cfg)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, Checkpoint(cfg, CharTokenizer(list("abcdef")), params))
+    ref = reference_read(path)
+    back = load_checkpoint(path, rows=rows).params
+    kind = {"list": list, "tuple": tuple, "array": array}[rows]
+    for name, t in back.items():
+        flat = [x for r in t for x in r] if isinstance(t[0], (list, tuple, array)) else t
+        if isinstance(t[0], (list, tuple, array)):
+            assert all(type(r) is kind for r in t)
+        assert as_bits(flat) == as_bits(ref[name]), name
+        assert as_bits(flat) == as_bits([x for r in params[name] for x in r]
+                                        if isinstance(params[name][0], list) else params[name])
+    with pytest.raises(ValueError, match="rows must be one of"):
+        load_checkpoint(path, rows="dict")
+
+
+@pytest.mark.oracle
+def test_float32_rows_save_as_f32_and_load_exactly(tmp_path):
+    """array('f') rows (what import-hf keeps) are saved as F32; the safetensors library reads
+    the same values, and every row layout loads them exactly."""
+    from safetensors.numpy import load_file
+    cfg = tiny_config(COMBOS[9])
+    params = perturbed_params(cfg)
+    f32 = {name: [array("f", r) for r in t] if isinstance(t[0], list) else t
+           for name, t in params.items()}
+    path = tmp_path / "f.safetensors"
+    save_checkpoint(path, Checkpoint(cfg, CharTokenizer(list("abcdef")), f32))
+    lib = load_file(str(path))
+    for rows in ("list", "tuple", "array"):
+        back = load_checkpoint(path, rows=rows).params
+        for name, t in f32.items():
+            if isinstance(t[0], array):
+                assert str(lib[name].dtype) == "float32"
+                assert [list(r) for r in back[name]] == [list(r) for r in t]
+                assert lib[name].tolist() == [list(r) for r in t]
+            else:
+                assert back[name] == t
