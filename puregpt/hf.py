@@ -760,11 +760,11 @@ def _rope_theta(d: dict, problems: list) -> float:
                 problems.append(f"{key}.rope_theta ({brief(given)}) differs from rope_theta "
                                 f"({brief(theta)}): which one holds is unclear")
             theta = given
-    for key in ("partial_rotary_factor",):
-        for where in (d, d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict)
-                      else {}):
-            if where.get(key, 1.0) != 1.0:
-                problems.append(f"{key}={brief(where[key])}: puregpt rotates every channel")
+    rope = d.get("rope_parameters")
+    for where in (d, rope if isinstance(rope, dict) else {}):  # RoPE on part of each head
+        if where.get("partial_rotary_factor", 1.0) != 1.0:
+            problems.append(f"partial_rotary_factor={brief(where['partial_rotary_factor'])}: "
+                            f"puregpt rotates every channel")
     return theta
 
 
