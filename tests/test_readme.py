@@ -87,3 +87,12 @@ def test_the_first_screens_main_job_runs(tmp_path):
         assert proc.returncode == 0, proc.stderr
     samples = proc.stdout.splitlines()
     assert len(samples) == 10 and all(s.strip() for s in samples)
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """The first screen's test command is the line .ci/run runs (CI calls exactly it)."""
+    first = README.read_text(encoding="utf-8").split("---", 1)[0]
+    line = next(ln for ln in blocks("bash")[0].splitlines() if "python -m pytest" in ln)
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert line in first and line in ci, line
+
