@@ -295,7 +295,8 @@ def test_a_token_budget_gives_each_config_its_steps(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--vary", "nhead=2,4"], "--vary nhead: unknown field 'nhead'"),
-    (["--vary", "pos=learned,rope"], "pos must be one of learned, sinusoidal, none; got 'rope'"),
+    (["--vary", "pos=learned,rotary"],
+     "pos must be one of learned, sinusoidal, none, rope; got 'rotary'"),
     (["--vary", "n-layer=1,two"], "'two' is not an int"),
     (["--vary", "n-head=2,3"], "config n-head=3 is impossible: GPTConfig.n_embd (8) must be "
                                "divisible by n_head (3)"),
