@@ -138,12 +138,17 @@ def test_two_torchrun_processes_take_the_same_steps_as_one(names, tmp_path):
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-6
 
 
-def test_a_resumed_run_continues_exactly_and_comes_back_to_puregpt(prose, tmp_path):
-    _, _, _, _, hf = prose
+def _straight_and_resumed(hf, tmp_path):
+    """The weights of 4 steps in one run, and of 2 steps then a resume to 4 (saved every step)."""
     _run(hf, tmp_path / "straight", "--steps", "4")
     _run(hf, tmp_path / "resumed", "--steps", "2", "--save-every", "1")
     _run(hf, tmp_path / "resumed", "--steps", "4", "--save-every", "1")
-    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    return _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+
+
+def test_a_resumed_run_continues_exactly_and_comes_back_to_puregpt(prose, tmp_path):
+    _, _, _, _, hf = prose
+    a, b = _straight_and_resumed(hf, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
@@ -265,10 +270,7 @@ def test_a_llamas_exported_optimizer_continues_puregpts_adamw(llama, float64_lla
 
 def test_a_llama_run_resumes_exactly_and_comes_back_to_puregpt(llama, tmp_path):
     _, _, _, _, hf = llama
-    _run(hf, tmp_path / "straight", "--steps", "4")
-    _run(hf, tmp_path / "resumed", "--steps", "2", "--save-every", "1")
-    _run(hf, tmp_path / "resumed", "--steps", "4", "--save-every", "1")
-    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    a, b = _straight_and_resumed(hf, tmp_path)
     assert "model.layers.0.mlp.up_proj.weight" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
     out = tmp_path / "straight" / "hf"

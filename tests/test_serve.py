@@ -46,15 +46,19 @@ def docs_server(finished_run):
     stop(server, thread)
 
 
-@pytest.fixture(scope="module")
-def stream_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("stream")
+def _train_on_prose(base, *flags):
+    """A tiny stream-mode run on 3,000 characters of prose, in base/run."""
     data = base / "text.txt"
     data.write_text(stream_text(3000), encoding="utf-8")
     proc = run_cli("train", "--data", data, "--mode", "stream", "--out", base / "run",
-                   *TINY_RUN, "--steps", 6, "--quiet")
+                   *TINY_RUN, *flags, "--quiet")
     assert proc.returncode == 0, proc.stderr
     return base / "run"
+
+
+@pytest.fixture(scope="module")
+def stream_run(tmp_path_factory):
+    return _train_on_prose(tmp_path_factory.mktemp("stream"), "--steps", 6)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +70,8 @@ def stream_server(stream_run):
 
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("bpe")
-    data = base / "text.txt"
-    data.write_text(stream_text(3000), encoding="utf-8")
-    proc = run_cli("train", "--data", data, "--mode", "stream", "--tokenizer", "bpe",
-                   "--vocab-size", 300, "--out", base / "run", *TINY_RUN, "--steps", 3, "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    return base / "run"
+    return _train_on_prose(tmp_path_factory.mktemp("bpe"), "--tokenizer", "bpe",
+                           "--vocab-size", 300, "--steps", 3)
 
 
 def request(server, method, path, body=None, headers=None, timeout=60):
