@@ -121,7 +121,7 @@ def _check_model(model) -> None:
 def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = None,
            temperature: float = 0.5, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
            stop: str | None = None, seed: int | None = None, workers: int = 1,
-           compact: bool = False) -> Iterator[str]:
+           layout: str | None = None, compact: bool = False) -> Iterator[str]:
     """Generate text, yielding it piece by piece as it is produced: the prompt first (when
     there is one), then each new piece, so that the pieces join into prompt + continuation,
     as `puregpt sample --prompt` prints it.
@@ -134,10 +134,13 @@ def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = 
     type raise TypeError; bad settings and prompts outside the vocabulary raise ValueError, at
     once, before anything is generated.
 
-    workers > 1 (0: one per core) or compact=True decode with prepared weights
+    workers > 1 (0: one per core), a layout or compact=True decode with prepared weights
     (puregpt.decode.Decoder): the matrix-vector products split across `workers` processes
-    (same tokens as one), compact keeping the weights as arrays (8 or 4 bytes a value instead
-    of 40, slower). The worker processes stop when the stream is exhausted or closed.
+    (same tokens as one); layout says how the weights are held: "tuple" (fastest, ~40 bytes a
+    parameter), "mixed" (every third row a tuple, ~15 bytes) or "array" (4 or 8 bytes, the
+    slowest; compact=True is layout="array"); None: decode.default_layout for the model's size.
+    Every layout gives the same tokens. The worker processes stop when the stream is exhausted
+    or closed.
     """
     _check_model(model)
     _check_type("prompt", prompt, (str,), "a string")
@@ -155,12 +158,18 @@ def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = 
         _check_type("seed", seed, (int,), "an int or None")
     _check_type("workers", workers, (int,), "an int")
     _check_type("compact", compact, (bool,), "True or False")
+    if layout is not None:
+        _check_type("layout", layout, (str,), "a string or None")
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: one per core), got {workers}")
+    from .decode import LAYOUTS, Decoder
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)} or None, got {layout!r}")
+    if compact and layout not in (None, "array"):
+        raise ValueError(f"compact=True is layout='array': it contradicts layout={layout!r}")
     decoder = None
-    if workers != 1 or compact:
-        from .decode import Decoder
-        decoder = Decoder(model.params, model.config, "array" if compact else "tuple", workers)
+    if workers != 1 or compact or layout is not None:
+        decoder = Decoder(model.params, model.config, "array" if compact else layout, workers)
     try:
         pieces = sample.stream_text(model.params, model.config, model.tokenizer, prompt,
                                     _docs_mode(model), max_new_tokens, stop, random.Random(seed),

@@ -218,6 +218,8 @@ def cmd_sample(args) -> int:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0: one per core), got {args.workers}")
+    if args.compact and args.layout not in (None, "array"):
+        raise ConfigError(f"--compact is --layout array: it contradicts --layout {args.layout}")
     path, ckpt = _load(_model_arg(args), rows="array")  # no float objects yet: a fast load
     docs = _is_docs(ckpt)
     rng = random.Random(args.seed)
@@ -230,10 +232,10 @@ def cmd_sample(args) -> int:
             raise ConfigError(str(e)) from None
     ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
     decoder = None
-    if args.workers != 1 or args.compact or num_params_of(ckpt.config) >= DECODER_FROM:
+    layout = "array" if args.compact else args.layout
+    if args.workers != 1 or layout or num_params_of(ckpt.config) >= DECODER_FROM:
         from .decode import Decoder
-        decoder = Decoder(ckpt.params, ckpt.config, "array" if args.compact else "tuple",
-                          args.workers)
+        decoder = Decoder(ckpt.params, ckpt.config, layout, args.workers, consume=True)
         ckpt.params = None  # the decoder holds what it needs (its own layout): free the rest
         shape["tokens_from"] = decoder.generator()
     try:
@@ -521,8 +523,11 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="random seed, for reproducible samples")
     s.add_argument("--workers", type=int, default=1, help="processes sharing each token's "
                    "matrix-vector products (0: one per core; same tokens as one process)")
-    s.add_argument("--compact", action="store_true", help="keep the weights as arrays: 8 (or 4, "
-                   "imported float32) bytes a parameter instead of 40, decoding slower")
+    s.add_argument("--layout", choices=("tuple", "mixed", "array"), help="how the decoder holds "
+                   "the weights: tuple (fastest, ~40 bytes a parameter), mixed (every third row "
+                   "a tuple: ~15 bytes, ~0.65x the speed) or array (4-8 bytes, ~0.4x); default: "
+                   "tuple up to 20M parameters, then mixed; the same tokens in every layout")
+    s.add_argument("--compact", action="store_true", help="the same as --layout array")
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("score", help="log-probability of documents under a model")

@@ -12,9 +12,19 @@ matrix is prepared once instead, so that each product is one C call per output r
     than a factor 4, its rows are stored at unit length instead (see ops.matmul for the
     rounding argument: either way the error is ~1e-16 |x||b|, as good as a plain sum).
 
-Layouts: "tuple" rows (32 bytes a parameter: a float object and a pointer; the fast one) or the
-compact "array" rows (array('d'), 8 bytes a parameter; math.dist then copies each row into
-floats per call: slower, see README "Large models").
+Layouts, by how a row is stored:
+  * "tuple": every row a tuple of floats, 32 bytes a parameter (a float object and a pointer):
+    the fastest, one C loop over floats that already exist;
+  * "array": every row an array('d'), or array('f') for imported float32 weights: 8 or 4 bytes
+    a parameter, but each product first makes a float object per element (math.dist copies
+    the row into a tuple, math.sumprod iterates it): ~2.5x slower;
+  * "mixed": one row in every MIXED_EVERY a tuple, the others arrays: ~15 bytes a parameter
+    for float32 weights at ~0.65x the tuple layout's speed, the only layout that fits GPT-2
+    124M in 20 bytes a parameter and still decodes at 1 token/s on two cores. Which rows are
+    tuples depends only on a row's index in its matrix, never on how the rows are split
+    across processes.
+Every row is computed by the same function whatever its storage (dist or sumprod read tuples
+and arrays alike), so the three layouts give exactly the same numbers (tested).
 
 Several processes (Decoder(..., workers=n)): every matrix's output rows are split into n
 contiguous slices; the calling process keeps slice 0 and worker process k slice k. The workers
@@ -36,7 +46,7 @@ import random
 import struct
 import traceback
 from array import array
-from itertools import repeat, starmap
+from itertools import cycle, repeat, starmap
 from multiprocessing import shared_memory
 from operator import add, mul, sub
 from typing import Iterator
@@ -46,7 +56,15 @@ from .checkpoint import ROW_TYPES
 from .parallel import POLL_SECONDS, WorkerError, available_cpus, receive, stop_workers
 from .sample import pick
 
-LAYOUTS = ("tuple", "array")
+LAYOUTS = ("tuple", "mixed", "array")
+MIXED_EVERY = 3  # "mixed": rows 0, 3, 6, ... of every matrix are tuples
+TUPLES_UP_TO = 20_000_000  # the default layout: "tuple" up to this many parameters, then "mixed"
+
+
+def default_layout(n_params: int) -> str:
+    """The layout Decoder takes by default: all tuples (the fastest, ~40 bytes a parameter)
+    while that is under a GB or so, "mixed" (~15 bytes a parameter) for larger models."""
+    return "tuple" if n_params <= TUPLES_UP_TO else "mixed"
 
 
 # --- one matrix (or a slice of its rows), prepared -----------------------------------------
@@ -60,21 +78,63 @@ def _plan(shortest: float, longest: float) -> float | None:
     return None
 
 
-def _as_layout(rows, layout: str) -> list:
-    if layout == "array":  # array('f') rows (imported float32 weights) stay: 4 bytes a value
-        return [r if isinstance(r, array) else array("d", r) for r in rows]
-    return [r if type(r) is tuple else tuple(r) for r in rows]  # dist() reads tuples in place
+def _as_tuple(r):
+    return r if type(r) is tuple else tuple(r)  # dist() reads tuples in place
+
+
+def _as_array(r):
+    return r if isinstance(r, array) else array("d", r)  # array('f') rows stay: 4 bytes a value
+
+
+def _stored(layout: str, row: int):
+    """How row number `row` of a matrix is stored in the layout: _as_tuple or _as_array."""
+    if layout == "tuple" or (layout == "mixed" and row % MIXED_EVERY == 0):
+        return _as_tuple
+    return _as_array
+
+
+# Before Python 3.12 (the dist() path) each row is cut into pieces of at most PIECE values: an
+# array piece is then copied into at most ~100 floats per dist() call, which CPython takes from
+# its float free list (100 floats) instead of its allocator: ~20% faster decoding with array
+# rows. Distances add over pieces: |x - b|^2 = sum over pieces of |x_p - b_p|^2.
+PIECE = 96
+
+
+def _pieces(rows, layout: str, start: int, width: int) -> list:
+    """rows (any sequences of floats) as one flat list of pieces of `width` values (the last
+    piece of a row shorter), stored as the layout stores each row (rows[0] is row `start`)."""
+    out = []
+    for j, r in enumerate(rows):
+        store = _stored(layout, start + j)
+        if len(r) <= width:
+            out.append(store(r))
+        else:
+            out += [store(r[a:a + width]) for a in range(0, len(r), width)]
+    return out
+
+
+def _grouped(values, k: int):
+    """Consecutive groups of k values, as tuples (in C: zip over one iterator k times)."""
+    it = iter(values)
+    return zip(*[it] * k)
 
 
 class Matrix:
-    """Rows of one weight matrix (out, in), ready for W x: `rows` in the layout, their lengths,
-    and rho (see _plan; None: unit rows). Build with prepare_matrix, or finish() a slice once
-    the whole matrix's shortest and longest row are known."""
+    """Rows of one weight matrix (out, in), ready for W x: the rows as `pieces` (k a row: see
+    PIECE; whole rows, k = 1, with sumprod) in the layout, the rows' lengths, and rho (see
+    _plan; None: unit rows). Build with prepare_matrix, or finish() a slice (its first row
+    being row `start` of the matrix) once the whole matrix's shortest and longest row are
+    known."""
 
-    def __init__(self, rows, layout: str):
-        self.rows = _as_layout(rows, layout)
-        self.layout = layout
-        self.norms = list(starmap(math.hypot, self.rows))
+    def __init__(self, rows, layout: str, start: int = 0):
+        self.layout, self.start, self.n_rows = layout, start, len(rows)
+        cols = len(rows[0]) if rows else 1
+        self.width = cols if _SUMPROD else PIECE
+        self.k = -(-cols // self.width)  # pieces a row
+        self.pieces = _pieces(rows, layout, start, self.width)
+        # the lengths serve dist() alone: sumprod needs none (skipping them saves a pass)
+        self.norms = [] if _SUMPROD else list(starmap(
+            math.hypot, _grouped(starmap(math.hypot, self.pieces), self.k)))
         self.rho, self.c = None, None
 
     def stats(self) -> tuple[float, float]:
@@ -87,28 +147,38 @@ class Matrix:
         if rho is not None:
             self.c = [rho * rho + n * n for n in self.norms]  # |x'|^2 + |b|^2 for every row
         else:  # unit rows (all-zero rows stay zero: their products are then 0)
-            unit = [tuple([v / n for v in r]) if n else tuple(r) for r, n in
-                    zip(self.rows, self.norms)]
-            self.rows = _as_layout(unit, self.layout)
+            k, pieces = self.k, self.pieces
+            self.pieces = [_stored(self.layout, self.start + i // k)(
+                tuple([v / n for v in p]) if n else p)
+                for i, (p, n) in enumerate(zip(pieces, (n for n in self.norms
+                                                          for _ in range(k))))]
         return self
 
     def matvec(self, x: list[float]) -> list[float]:
         """W x for x (in,) -> (out,)."""
         if _SUMPROD:
-            return list(map(_SUMPROD, self.rows, repeat(x)))
+            return list(map(_SUMPROD, self.pieces, repeat(x)))
         xn = math.hypot(*x)
         if xn == 0.0:
-            return [0.0] * len(self.rows)
-        dist = math.dist
+            return [0.0] * self.n_rows
         if self.rho is not None:
             s, h = self.rho / xn, 0.5 * xn / self.rho
             xs = tuple(map(mul, x, repeat(s)))
-            d = list(map(dist, self.rows, repeat(xs)))
+        else:
+            xs = tuple([v / xn for v in x])
+        d = self._distances(xs)
+        if self.rho is not None:
             # (c - d^2) h for every row, as chained maps: no bytecode per element
-            return list(map(mul, map(sub, self.c, map(mul, d, d)), repeat(h)))
-        xs = tuple([v / xn for v in x])
-        return [xn * n * (1.0 - 0.5 * d * d)
-                for n, d in zip(self.norms, map(dist, self.rows, repeat(xs)))]
+            return list(map(mul, map(sub, self.c, d), repeat(h)))
+        return [xn * n * (1.0 - 0.5 * dd) for n, dd in zip(self.norms, d)]
+
+    def _distances(self, xs: tuple):
+        """|xs - b|^2 for every row b: dist() per piece, the squares summed over a row's
+        pieces."""
+        w = self.width
+        parts = [xs[a:a + w] for a in range(0, len(xs), w)]  # xs cut as the rows are
+        d = list(map(math.dist, self.pieces, cycle(parts)))
+        return map(sum, _grouped(map(mul, d, d), self.k))
 
 
 _SUMPROD = getattr(math, "sumprod", None)  # Python 3.12+: a C dot product over tuples
@@ -119,18 +189,20 @@ def prepare_matrix(rows, layout: str = "tuple") -> Matrix:
     return m.finish(_plan(*m.stats()))
 
 
-def matrices(params: dict, config) -> dict:
+def matrices(params: dict, config, consume: bool = False) -> dict:
     """Every weight matrix a decoding step multiplies by, name -> rows: per layer the stacked
     Q, K, V (attn_qkv, as model._qkv), attn_wo, mlp_fc1, mlp_fc2 (and mlp_gate); then
-    lm_head."""
+    lm_head. consume: take the matrices out of params (wte stays: token lookups read it)."""
+    take = params.pop if consume else params.__getitem__
     out = {}
     for l in range(config.n_layer):
         p = f"layer{l}."
-        out[p + "attn_qkv"] = [r for w in model.layer_tensors(p + "attn_qkv") for r in params[w]]
+        out[p + "attn_qkv"] = [r for w in model.layer_tensors(p + "attn_qkv") for r in take(w)]
         for w in ("attn_wo", "mlp_fc1", "mlp_fc2", "mlp_gate"):  # (mlp_gate: SwiGLU only)
             if p + w in params:
-                out[p + w] = params[p + w]
-    out["lm_head"] = model.lm_head_weight(params, config)
+                out[p + w] = take(p + w)
+    lm_head = model.lm_head_name(config)
+    out["lm_head"] = params[lm_head] if lm_head == "wte" else take(lm_head)
     return out
 
 
@@ -159,11 +231,16 @@ class Cache:
 
 class Decoder:
     """KV-cached decoding with prepared weights. params: rows of lists, tuples or arrays (as
-    checkpoint.load_checkpoint(rows=...) builds them); layout: "tuple" (fast) or "array"
-    (compact); workers: processes sharing the products (0: one per core). Use as a context
-    manager, or call close(), to stop the workers."""
+    checkpoint.load_checkpoint(rows=...) builds them); layout: "tuple" (fast), "mixed" or
+    "array" (compact), None: default_layout for the model's size; workers: processes sharing
+    the products (0: one per core); consume: take the weight matrices out of params as they
+    are prepared, each freed once prepared (the peak memory is then about the prepared
+    layout's alone). Use as a context manager, or call close(), to stop the workers."""
 
-    def __init__(self, params: dict, config, layout: str = "tuple", workers: int = 1):
+    def __init__(self, params: dict, config, layout: str | None = None, workers: int = 1,
+                 consume: bool = False):
+        if layout is None:
+            layout = default_layout(model.num_params_of(config))
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         if workers < 0:
@@ -181,14 +258,16 @@ class Decoder:
         self.wte = params["wte"]
         self.pos = model.position_table(params, config)
         self.procs, self.conns, self.mem = [], [], None
-        mats = matrices(params, config)
+        mats = matrices(params, config, consume)
         self.names = list(mats)
         self.index = {name: i for i, name in enumerate(self.names)}
         enabled = gc.isenabled()
         gc.disable()  # ~20% of the preparation: collections that find no garbage in new rows
         try:
             if self.n == 1:
-                self.mats = {name: prepare_matrix(rows, layout) for name, rows in mats.items()}
+                self.mats = {}
+                for name in self.names:  # popped: each matrix's rows freed once prepared
+                    self.mats[name] = prepare_matrix(mats.pop(name), layout)
             else:
                 self._start(mats)
         except BaseException:
@@ -205,18 +284,17 @@ class Decoder:
         # the rows as float64, or float32 when they are float32 arrays (exact, half the bytes)
         codes = {name: "f" if isinstance(rows[0], array) and rows[0].typecode == "f" else "d"
                  for name, rows in mats.items()}
-        layout, offset = [], 0  # per worker: (name, byte offset, rows, cols, typecode)
+        layout, offset = [], 0  # per worker: (name, byte offset, first row, rows, cols, typecode)
         for k in range(1, self.n):
             mine = []
             for name, rows in mats.items():
                 a, b = spans[name][k]
-                mine.append((name, offset, b - a, len(rows[0]), codes[name]))
+                mine.append((name, offset, a, b - a, len(rows[0]), codes[name]))
                 offset += (b - a) * len(rows[0]) * array(codes[name]).itemsize
             layout.append(mine)
         self.mem = shared_memory.SharedMemory(create=True, size=max(8, offset))
         for k, mine in enumerate(layout, start=1):
-            for name, at, n_rows, cols, code in mine:
-                a = spans[name][k][0]
+            for name, at, a, n_rows, cols, code in mine:
                 for row in mats[name][a:a + n_rows]:
                     if not (isinstance(row, array) and row.typecode == code):
                         row = array(code, row)
@@ -232,8 +310,9 @@ class Decoder:
             self.procs.append(proc)
             self.conns.append(parent)
         # meanwhile, this process prepares its own slice (the workers do theirs in parallel)
-        self.mats = {name: Matrix(rows[spans[name][0][0]:spans[name][0][1]], self.layout)
-                     for name, rows in mats.items()}
+        self.mats = {}
+        for name in self.names:  # slice 0, from row 0; popped: the rows freed once prepared
+            self.mats[name] = Matrix(mats.pop(name)[:spans[name][0][1]], self.layout)
         del mats
         stats = [[m.stats() for m in self.mats.values()]]
         stats += [self._receive(w) for w in range(len(self.procs))]
@@ -420,11 +499,11 @@ def _worker_main(mine, layout, mem_name, conn, parent_pid):
     try:
         mem = shared_memory.SharedMemory(name=mem_name)
         mats = []
-        for name, at, n_rows, cols, code in mine:
+        for name, at, first, n_rows, cols, code in mine:
             flat = array(code)
             flat.frombytes(mem.buf[at:at + n_rows * cols * flat.itemsize])
             rows = [flat[r:r + cols] for r in range(0, n_rows * cols, cols)]
-            mats.append(Matrix(rows, layout))
+            mats.append(Matrix(rows, layout, first))
         mem.close()
         conn.send(("ok", [m.stats() for m in mats]))
         rhos = conn.recv()

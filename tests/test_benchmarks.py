@@ -140,7 +140,7 @@ def test_gpt2(tmp_path):
     assert r["identical_tokens"] is True and r["params"] > 0
     assert positive(r["import_hf"]["wall_s"], r["import_hf"]["cpu_s"],
                     r["import_hf"]["bytes_per_param"])
-    for name in ("one", "two", "compact", "compact_two"):
+    for name in ("mixed", "mixed_two", "one", "two", "compact", "compact_two"):
         d = r["decode"][name]
         assert len(d["tokens"]) == r["new_tokens"] == 3
         assert positive(d["tokens_per_s"], d["tokens_per_cpu_s"], d["ready"]["wall_s"],

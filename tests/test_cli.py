@@ -255,6 +255,24 @@ def test_prompt_outside_the_vocabulary(run_copy):
     assert snapshot(run) == before
 
 
+def test_sample_layouts_and_workers_print_the_same_text(run_copy):
+    """--layout and --workers change how the weights are held and shared, never the text; a
+    contradiction (--compact is --layout array) is refused before any output."""
+    run, _ = run_copy
+    args = ("sample", run, "-n", 2, "--seed", 3, "--prompt", "a", "--max-new-tokens", 12)
+    ref = run_cli(*args)  # a tiny model: model.forward's path
+    assert ref.returncode == 0 and ref.stdout.startswith("a"), ref.stderr
+    for extra in (("--layout", "tuple"), ("--layout", "mixed"), ("--compact",),
+                  ("--layout", "array", "--compact"), ("--layout", "mixed", "--workers", 2)):
+        proc = run_cli(*args, *extra)
+        assert (proc.returncode, proc.stdout) == (0, ref.stdout), (extra, proc.stderr)
+    proc = run_cli(*args, "--layout", "tuple", "--compact")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--compact is --layout array: it contradicts --layout tuple" in proc.stderr
+    proc = run_cli(*args, "--layout", "list")
+    assert proc.returncode == 2 and "invalid choice: 'list'" in proc.stderr
+
+
 def test_resume_of_a_directory_without_a_run(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -1,7 +1,8 @@
 """decode.py: decoding with prepared weights equals model.forward (within 1e-9: the products
 round differently, ~1e-16 relative), and several processes equal one exactly: the same logits
-bit for bit (so within any tolerance, 1e-12 stated), the same tokens. The compact layout equals
-the tuple layout exactly; a worker that dies is an error naming it, not a hang. Also the
+bit for bit (so within any tolerance, 1e-12 stated), the same tokens. The mixed and compact
+layouts equal the tuple layout exactly, and which rows the mixed layout keeps as tuples does not
+depend on the process count; a worker that dies is an error naming it, not a hang. Also the
 checkpoint loader's row layouts against an independent reader (struct, one value at a time,
 and the safetensors library)."""
 
@@ -22,7 +23,8 @@ from puregpt import api, model
 from puregpt.bpe import BPETokenizer
 from puregpt.checkpoint import Checkpoint, load_checkpoint, read_header, save_checkpoint
 from puregpt.config import GPTConfig
-from puregpt.decode import Decoder, prepare_matrix
+from puregpt.decode import (LAYOUTS, MIXED_EVERY, PIECE, TUPLES_UP_TO, Decoder, Matrix,
+                            default_layout, prepare_matrix)
 from puregpt.parallel import WorkerError
 from puregpt.sample import generate, stream_text
 from puregpt.tokenizer import CharTokenizer
@@ -40,7 +42,7 @@ def max_diff(A, B) -> float:
     return max(abs(a - b) for ra, rb in zip(A, B) for a, b in zip(ra, rb))
 
 
-@pytest.mark.parametrize("layout", ["tuple", "array"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_process_equals_forward_every_combination(combo, layout):
     """Every architecture switch: the decoder's logits at each position equal model.forward's
     over the whole sequence (no cache) and, position by position, over the KV cache."""
@@ -64,7 +66,7 @@ POOL_COMBOS = [c for c in COMBOS if (c["bias"], c["tie_embeddings"], c["norm"]) 
 
 
 @pytest.mark.parametrize("combo", POOL_COMBOS, ids=combo_id)
-@pytest.mark.parametrize("layout", ["tuple", "array"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_processes_equal_one_process(combo, layout):
     """2 and 3 processes: the same logits bit for bit, position by position over the KV cache
     and through a sliding window (past block_size the cache is rebuilt), hence the same tokens,
@@ -86,15 +88,72 @@ def test_processes_equal_one_process(combo, layout):
                     for s in range(3)] == ref_tokens
 
 
-def test_compact_layout_equals_tuple_layout():
-    """array rows (the compact layout) give exactly the tuple layout's logits and tokens."""
+def test_mixed_and_compact_layouts_equal_tuple_layout():
+    """Mixed rows and array rows (the compact layout) give exactly the tuple layout's logits
+    and tokens: every row goes through the same function whatever its storage."""
     cfg = GPTConfig(**{**tiny_config(COMBOS[-1]).to_dict(), "n_embd": 16, "vocab_size": 30})
     params = perturbed_params(cfg, seed=5)
     tokens = list(range(cfg.block_size))
-    with Decoder(params, cfg, "tuple") as fast, Decoder(params, cfg, "array") as compact:
-        assert logits_by_step(fast, tokens) == logits_by_step(compact, tokens)
-        assert (list(fast.generate([0], 30, random.Random(4)))
-                == list(compact.generate([0], 30, random.Random(4))))
+    with Decoder(params, cfg, "tuple") as fast:
+        ref = logits_by_step(fast, tokens)
+        ref_tokens = list(fast.generate([0], 30, random.Random(4)))
+    for layout in ("mixed", "array"):
+        with Decoder(params, cfg, layout) as other:
+            assert logits_by_step(other, tokens) == ref
+            assert list(other.generate([0], 30, random.Random(4))) == ref_tokens
+
+
+def test_mixed_layout_keeps_every_third_row_of_each_matrix_as_a_tuple():
+    """Rows 0, 3, 6, ... of a matrix are tuples, the rest arrays (float32 arrays stay float32);
+    a slice of rows (one process's share) follows the rows' indices in the whole matrix, so the
+    same rows are tuples with any number of processes."""
+    rng = random.Random(0)
+    rows = [array("f", [rng.gauss(0, 1) for _ in range(8)]) for _ in range(11)]
+    kinds = [type(r) for r in Matrix(rows, "mixed").pieces]
+    assert MIXED_EVERY == 3
+    assert kinds == [tuple if i % 3 == 0 else array for i in range(11)]
+    assert all(r.typecode == "f" for r in Matrix(rows, "mixed").pieces if isinstance(r, array))
+    for start in (1, 4, 5):
+        assert [type(r) for r in Matrix(rows[start:], "mixed", start).pieces] == kinds[start:]
+    # rows longer than a piece (before Python 3.12): each piece stored as its row is
+    long = [array("f", [rng.gauss(0, 1) for _ in range(2 * PIECE + 5)]) for _ in range(7)]
+    m = Matrix(long, "mixed")
+    per_row = [[type(p) for p in m.pieces[i * m.k:(i + 1) * m.k]] for i in range(7)]
+    assert per_row == [[tuple if i % 3 == 0 else array] * m.k for i in range(7)]
+    assert m.k == (1 if hasattr(math, "sumprod") else 3)
+    assert [v for p in m.pieces for v in p] == [v for r in long for v in r]
+    assert all(type(r) is tuple for r in Matrix(rows, "tuple").pieces)
+    assert all(isinstance(r, array) for r in Matrix(rows, "array").pieces)
+    # the values are the rows' own, whatever the storage
+    assert all(list(a) == list(b) for a, b in zip(Matrix(rows, "mixed").pieces, rows))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_consume_takes_the_matrices_and_changes_no_number(workers):
+    """consume=True (what `puregpt sample` uses, to free each matrix once prepared) gives the
+    same logits; params keeps its vectors and wte (token lookups) and loses the matrices."""
+    for tie in (True, False):
+        cfg = tiny_config(COMBOS[5], tie_embeddings=tie)
+        params = perturbed_params(cfg)
+        tokens = [i % cfg.vocab_size for i in range(cfg.block_size)]
+        with Decoder(params, cfg, "mixed") as d:
+            ref = logits_by_step(d, tokens)
+        mine = dict(params)
+        with Decoder(mine, cfg, "mixed", workers=workers, consume=True) as d:
+            assert logits_by_step(d, tokens) == ref
+        assert "wte" in mine and "layer0.attn_wq" not in mine and "layer0.mlp_fc1" not in mine
+        assert "lm_head" not in mine and set(mine) < set(params)
+        assert all(mine[k] is params[k] for k in mine)
+
+
+def test_default_layout_is_tuples_for_small_models_and_mixed_for_large():
+    assert default_layout(1000) == "tuple"
+    assert default_layout(TUPLES_UP_TO) == "tuple"
+    assert default_layout(TUPLES_UP_TO + 1) == "mixed"
+    assert default_layout(124_439_808) == "mixed"  # GPT-2 124M
+    cfg = tiny_config(COMBOS[0])
+    with Decoder(perturbed_params(cfg), cfg) as d:
+        assert d.layout == "tuple"
 
 
 def test_decoder_tokens_equal_sample_generate():
@@ -106,20 +165,26 @@ def test_decoder_tokens_equal_sample_generate():
         assert list(d.generate([3, 4], 25, random.Random(0), greedy=True)) == ref
 
 
+@pytest.mark.parametrize("cols", [40, 250])  # 250: rows of three pieces before Python 3.12
 @pytest.mark.parametrize("scale", [1.0, 1e-3])
-def test_matvec_rows_of_unequal_lengths(scale):
+def test_matvec_rows_of_unequal_lengths(scale, cols):
     """Rows within a factor 4 of each other take the rho rescaling; wider spreads unit rows;
-    either way each product is within 1e-15 |x||b| of the exact (fsum) dot product."""
+    either way each product is within 1e-15 |x||b| of the exact (fsum) dot product, and every
+    layout gives the same numbers."""
     rng = random.Random(0)
-    rows = [[rng.gauss(0, 1) * (scale if i % 2 else 1.0) for _ in range(40)] for i in range(9)]
-    x = [rng.gauss(0, 3) for _ in range(40)]
-    for layout in ("tuple", "array"):
+    rows = [[rng.gauss(0, 1) * (scale if i % 2 else 1.0) for _ in range(cols)] for i in range(9)]
+    x = [rng.gauss(0, 3) for _ in range(cols)]
+    outs = []
+    for layout in LAYOUTS:
         m = prepare_matrix(rows, layout)
         assert (m.rho is None) == (scale != 1.0) or hasattr(math, "sumprod")
-        for got, r in zip(m.matvec(x), rows):
+        assert len(m.pieces) == 9 * (1 if hasattr(math, "sumprod") else -(-cols // PIECE))
+        outs.append(m.matvec(x))
+        for got, r in zip(outs[-1], rows):
             exact = math.fsum(a * b for a, b in zip(r, x))
             assert abs(got - exact) <= 1e-15 * math.hypot(*r) * math.hypot(*x) * 4
-    assert prepare_matrix(rows).matvec([0.0] * 40) == [0.0] * 9
+    assert outs[0] == outs[1] == outs[2]
+    assert prepare_matrix(rows).matvec([0.0] * cols) == [0.0] * 9
 
 
 def test_bpe_model_text_equal_across_processes():
@@ -138,23 +203,30 @@ def test_bpe_model_text_equal_across_processes():
     assert texts[0] == texts[1] and texts[0]
 
 
-def test_api_stream_workers_and_compact_give_the_same_text():
+def test_api_stream_workers_layouts_and_compact_give_the_same_text():
     cfg = tiny_config(COMBOS[3], vocab_size=9)
     params = perturbed_params(cfg)
     ckpt = Checkpoint(cfg, CharTokenizer(list("abcdefgh")), params,
                       trainer={"mode": "stream"})
-    outs = [api.generate(ckpt, "ab", max_new_tokens=12, seed=3, **kw)
-            for kw in ({"workers": 1, "compact": True}, {"workers": 2},
-                       {"workers": 2, "compact": True})]
+    kws = ({"workers": 1, "compact": True}, {"workers": 2}, {"workers": 2, "compact": True},
+           {"layout": "mixed"}, {"layout": "array", "compact": True},
+           {"workers": 2, "layout": "tuple"})
+    outs = [api.generate(ckpt, "ab", max_new_tokens=12, seed=3, **kw) for kw in kws]
     with Decoder(params, cfg) as d:
         ref = "ab" + "".join(stream_text(params, cfg, ckpt.tokenizer, "ab", docs_mode=False,
                                          max_new_tokens=12, rng=random.Random(3),
                                          temperature=0.5, tokens_from=d.generator()))
-    assert outs == [ref] * 3
+    assert outs == [ref] * len(kws)
     with pytest.raises(ValueError, match="workers must be >= 0"):
         api.generate(ckpt, "a", workers=-1)
     with pytest.raises(TypeError, match="compact"):
         api.generate(ckpt, "a", compact=1)
+    with pytest.raises(TypeError, match="layout"):
+        api.generate(ckpt, "a", layout=3)
+    with pytest.raises(ValueError, match="layout must be one of tuple, mixed, array"):
+        api.generate(ckpt, "a", layout="list")
+    with pytest.raises(ValueError, match="contradicts layout='tuple'"):
+        api.generate(ckpt, "a", layout="tuple", compact=True)
 
 
 def test_a_worker_that_dies_is_an_error_not_a_hang():
