@@ -44,8 +44,9 @@ def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, 
     for name, tensor in params.items():
         rows = _rows(tensor)
         # a whole tensor as one flat list: three long loops run ~25% faster than many short ones
+        # p as an iterator over the rows (read once, so no flat copy of it is built)
         p, state["m"][name], state["v"][name] = adamw_update(
-            list(chain.from_iterable(rows)), list(chain.from_iterable(_rows(grads[name]))),
+            chain.from_iterable(rows), list(chain.from_iterable(_rows(grads[name]))),
             state["m"][name], state["v"][name], state["step"], lr, beta1, beta2, eps,
             weight_decay if decays(name, tensor) else 0.0)
         start = 0
@@ -55,7 +56,8 @@ def adamw_step(params: dict, grads: dict, state: dict, lr: float, beta1: float, 
 
 
 def adamw_update(p, g, m, v, t: int, lr, beta1, beta2, eps, weight_decay=0.0):
-    """The update above of one tensor at step t, on flat lists: returns the new (p, m, v)."""
+    """The update above of one tensor at step t, on flat lists (p: any iterable, read once):
+    returns the new (p, m, v)."""
     # with its scalars hoisted out of the loop (as PyTorch arranges it):
     # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
     step_size, inv_sqrt_bc2 = lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)
