@@ -524,9 +524,10 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="processes sharing each token's "
                    "matrix-vector products (0: one per core; same tokens as one process)")
     s.add_argument("--layout", choices=("tuple", "mixed", "array"), help="how the decoder holds "
-                   "the weights: tuple (fastest, ~40 bytes a parameter), mixed (every third row "
-                   "a tuple: ~15 bytes, ~0.65x the speed) or array (4-8 bytes, ~0.4x); default: "
-                   "tuple up to 20M parameters, then mixed; the same tokens in every layout")
+                   "the weights: tuple (fastest, ~36 bytes a parameter), mixed (every third row "
+                   "a tuple: ~19 bytes, ~0.6x the speed) or array (~10 bytes, ~0.55x, ready "
+                   "fastest); default: tuple up to 20M parameters, then array; the same tokens "
+                   "in every layout")
     s.add_argument("--compact", action="store_true", help="the same as --layout array")
     s.set_defaults(func=cmd_sample)
 

@@ -13,18 +13,20 @@ matrix is prepared once instead, so that each product is one C call per output r
     rounding argument: either way the error is ~1e-16 |x||b|, as good as a plain sum).
 
 Layouts, by how a row is stored:
-  * "tuple": every row a tuple of floats, 32 bytes a parameter (a float object and a pointer):
-    the fastest, one C loop over floats that already exist;
+  * "tuple": every row a tuple of floats, ~36 bytes a parameter (a float object and a
+    pointer): the fastest, one C loop over floats that already exist;
   * "array": every row an array('d'), or array('f') for imported float32 weights: 8 or 4 bytes
-    a parameter, but each product first makes a float object per element (math.dist copies
-    the row into a tuple, math.sumprod iterates it): ~2.5x slower;
-  * "mixed": one row in every MIXED_EVERY a tuple, the others arrays: ~15 bytes a parameter
-    for float32 weights at ~0.65x the tuple layout's speed, the only layout that fits GPT-2
-    124M in 20 bytes a parameter and still decodes at 1 token/s on two cores. Which rows are
-    tuples depends only on a row's index in its matrix, never on how the rows are split
-    across processes.
+    a parameter (~10 at the peak), but each product first makes a float object per element
+    (math.dist copies the row into a tuple, math.sumprod iterates it): ~0.55x the tuple
+    layout's speed. The default from TUPLES_UP_TO parameters on: GPT-2 124M is then ready in
+    ~3 s and decodes at about a token a second on two cores;
+  * "mixed": one row in every MIXED_EVERY a tuple, the others arrays: ~19 bytes a parameter
+    at ~0.6x the tuple layout's speed, in between. Which rows are tuples depends only on a
+    row's index in its matrix, never on how the rows are split across processes.
 Every row is computed by the same function whatever its storage (dist or sumprod read tuples
-and arrays alike), so the three layouts give exactly the same numbers (tested).
+and arrays alike), so the three layouts give exactly the same numbers (tested). Before 3.12 the
+rows are cut into pieces of PIECE values (see there: dist's copies of array rows then come from
+the float free list).
 
 Several processes (Decoder(..., workers=n)): every matrix's output rows are split into n
 contiguous slices; the calling process keeps slice 0 and worker process k slice k. The workers
@@ -58,13 +60,14 @@ from .sample import pick
 
 LAYOUTS = ("tuple", "mixed", "array")
 MIXED_EVERY = 3  # "mixed": rows 0, 3, 6, ... of every matrix are tuples
-TUPLES_UP_TO = 20_000_000  # the default layout: "tuple" up to this many parameters, then "mixed"
+TUPLES_UP_TO = 20_000_000  # the default layout: "tuple" up to this many parameters, then "array"
 
 
 def default_layout(n_params: int) -> str:
-    """The layout Decoder takes by default: all tuples (the fastest, ~40 bytes a parameter)
-    while that is under a GB or so, "mixed" (~15 bytes a parameter) for larger models."""
-    return "tuple" if n_params <= TUPLES_UP_TO else "mixed"
+    """The layout Decoder takes by default: all tuples (the fastest, ~36 bytes a parameter)
+    while that is under a GB or so, arrays (4-8 bytes a parameter, ready in seconds: making
+    the tuples' float objects is most of a large model's preparation) for larger models."""
+    return "tuple" if n_params <= TUPLES_UP_TO else "array"
 
 
 # --- one matrix (or a slice of its rows), prepared -----------------------------------------

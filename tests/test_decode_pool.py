@@ -146,11 +146,11 @@ def test_consume_takes_the_matrices_and_changes_no_number(workers):
         assert all(mine[k] is params[k] for k in mine)
 
 
-def test_default_layout_is_tuples_for_small_models_and_mixed_for_large():
+def test_default_layout_is_tuples_for_small_models_and_arrays_for_large():
     assert default_layout(1000) == "tuple"
     assert default_layout(TUPLES_UP_TO) == "tuple"
-    assert default_layout(TUPLES_UP_TO + 1) == "mixed"
-    assert default_layout(124_439_808) == "mixed"  # GPT-2 124M
+    assert default_layout(TUPLES_UP_TO + 1) == "array"
+    assert default_layout(124_439_808) == "array"  # GPT-2 124M
     cfg = tiny_config(COMBOS[0])
     with Decoder(perturbed_params(cfg), cfg) as d:
         assert d.layout == "tuple"
