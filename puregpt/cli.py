@@ -216,7 +216,7 @@ def cmd_sample(args) -> int:
     for flag, value in (("-n", args.num_samples), ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0 (0: one per core), got {args.workers}")
     if args.compact and args.layout not in (None, "array"):
         raise ConfigError(f"--compact is --layout array: it contradicts --layout {args.layout}")
@@ -233,9 +233,11 @@ def cmd_sample(args) -> int:
     ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
     decoder = None
     layout = "array" if args.compact else args.layout
-    if args.workers != 1 or layout or num_params_of(ckpt.config) >= DECODER_FROM:
+    large = num_params_of(ckpt.config) >= DECODER_FROM
+    workers = sample_workers(args.workers, num_params_of(ckpt.config))
+    if workers != 1 or layout or large:
         from .decode import Decoder
-        decoder = Decoder(ckpt.params, ckpt.config, layout, args.workers, consume=True)
+        decoder = Decoder(ckpt.params, ckpt.config, layout, workers, consume=True)
         ckpt.params = None  # the decoder holds what it needs (its own layout): free the rest
         shape["tokens_from"] = decoder.generator()
     try:
@@ -253,9 +255,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
-# From this many parameters on, `sample` decodes with prepared weights (decode.Decoder) even on
-# one process: several times faster there; smaller models keep model.forward's exact numbers.
+# From this many parameters on, `sample` decodes with prepared weights (decode.Decoder), on
+# every core unless --workers says otherwise: several times faster there; smaller models keep
+# model.forward's exact numbers.
 DECODER_FROM = 1_000_000
+
+
+def sample_workers(requested: int | None, n_params: int) -> int:
+    """`sample`'s processes: --workers if given, else every core (0) for models that take the
+    decoder's path, one process for smaller ones."""
+    if requested is not None:
+        return requested
+    return 0 if n_params >= DECODER_FROM else 1
 
 
 def cmd_score(args) -> int:
@@ -521,8 +532,9 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "block_size for documents, 256 for continuous text)")
     s.add_argument("--stop", help="end a sample just before this string")
     s.add_argument("--seed", type=int, help="random seed, for reproducible samples")
-    s.add_argument("--workers", type=int, default=1, help="processes sharing each token's "
-                   "matrix-vector products (0: one per core; same tokens as one process)")
+    s.add_argument("--workers", type=int, help="processes sharing each token's matrix-vector "
+                   "products (0: one per core; same tokens as one process; default: one per "
+                   "core from a million parameters on, else 1)")
     s.add_argument("--layout", choices=("tuple", "mixed", "array"), help="how the decoder holds "
                    "the weights: tuple (fastest, ~36 bytes a parameter), mixed (every third row "
                    "a tuple: ~19 bytes, ~0.6x the speed) or array (~10 bytes, ~0.55x, ready "

@@ -273,6 +273,31 @@ def test_sample_layouts_and_workers_print_the_same_text(run_copy):
     assert proc.returncode == 2 and "invalid choice: 'list'" in proc.stderr
 
 
+def test_sample_uses_every_core_for_large_models_unless_told():
+    from puregpt.cli import DECODER_FROM, sample_workers
+    assert sample_workers(None, DECODER_FROM) == 0  # 0: one process per core
+    assert sample_workers(None, DECODER_FROM - 1) == 1
+    assert sample_workers(1, 10 ** 8) == 1 and sample_workers(3, 10) == 3
+
+
+def test_sample_of_a_large_model_on_every_core_prints_one_process_text(tmp_path):
+    """A model past DECODER_FROM parameters: the default (every core) prints what --workers 1
+    prints."""
+    from puregpt.checkpoint import Checkpoint, save_checkpoint
+    from puregpt.config import GPTConfig
+    from puregpt.tokenizer import CharTokenizer
+    import random as _random
+    cfg = GPTConfig(vocab_size=27, n_embd=128, n_head=4, n_layer=6, block_size=16)
+    assert model.num_params_of(cfg) >= 1_000_000
+    ckpt = Checkpoint(cfg, CharTokenizer(list("abcdefghijklmnopqrstuvwxyz")),
+                      model.init_params(cfg, _random.Random(0)), trainer={"mode": "docs"})
+    save_checkpoint(tmp_path / "big.safetensors", ckpt)
+    args = ("sample", tmp_path / "big.safetensors", "-n", 2, "--seed", 5)
+    default, one = run_cli(*args, timeout=300), run_cli(*args, "--workers", 1, timeout=300)
+    assert default.returncode == one.returncode == 0, default.stderr + one.stderr
+    assert default.stdout == one.stdout and default.stdout.strip()
+
+
 def test_resume_of_a_directory_without_a_run(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
