@@ -17,7 +17,7 @@ Layouts, by how a row is stored:
     pointer): the fastest, one C loop over floats that already exist;
   * "array": every row an array('d'), or array('f') for imported float32 weights: 8 or 4 bytes
     a parameter (~10 at the peak), but each product first makes a float object per element
-    (math.dist copies the row into a tuple, math.sumprod iterates it): ~0.55x the tuple
+    (math.dist copies the row into a tuple, math.sumprod iterates it): ~0.5x the tuple
     layout's speed. The default from TUPLES_UP_TO parameters on: GPT-2 124M is then ready in
     ~3 s and decodes at about a token a second on two cores;
   * "mixed": one row in every MIXED_EVERY a tuple, the others arrays: ~19 bytes a parameter
