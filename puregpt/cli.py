@@ -233,9 +233,9 @@ def cmd_sample(args) -> int:
     ckpt.tokenizer.encode(args.prompt)  # a prompt outside the vocabulary fails before any output
     decoder = None
     layout = "array" if args.compact else args.layout
-    large = num_params_of(ckpt.config) >= DECODER_FROM
-    workers = sample_workers(args.workers, num_params_of(ckpt.config))
-    if workers != 1 or layout or large:
+    n_params = num_params_of(ckpt.config)
+    workers = sample_workers(args.workers, n_params)
+    if workers != 1 or layout or n_params >= DECODER_FROM:
         from .decode import Decoder
         decoder = Decoder(ckpt.params, ckpt.config, layout, workers, consume=True)
         ckpt.params = None  # the decoder holds what it needs (its own layout): free the rest

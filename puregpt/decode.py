@@ -150,12 +150,14 @@ class Matrix:
         if rho is not None:
             self.c = [rho * rho + n * n for n in self.norms]  # |x'|^2 + |b|^2 for every row
         else:  # unit rows (all-zero rows stay zero: their products are then 0)
-            k, pieces = self.k, self.pieces
-            self.pieces = [_stored(self.layout, self.start + i // k)(
-                tuple([v / n for v in p]) if n else p)
-                for i, (p, n) in enumerate(zip(pieces, (n for n in self.norms
-                                                          for _ in range(k))))]
+            self.pieces = [self._unit(i, p) for i, p in enumerate(self.pieces)]
         return self
+
+    def _unit(self, i: int, piece):
+        """Piece i scaled by its row's length, stored as its row is."""
+        row = i // self.k
+        n = self.norms[row]
+        return _stored(self.layout, self.start + row)(tuple([v / n for v in piece])) if n else piece
 
     def matvec(self, x: list[float]) -> list[float]:
         """W x for x (in,) -> (out,)."""
@@ -166,13 +168,9 @@ class Matrix:
             return [0.0] * self.n_rows
         if self.rho is not None:
             s, h = self.rho / xn, 0.5 * xn / self.rho
-            xs = tuple(map(mul, x, repeat(s)))
-        else:
-            xs = tuple([v / xn for v in x])
-        d = self._distances(xs)
-        if self.rho is not None:
-            # (c - d^2) h for every row, as chained maps: no bytecode per element
-            return list(map(mul, map(sub, self.c, d), repeat(h)))
+            d = self._distances(tuple(map(mul, x, repeat(s))))
+            return list(map(mul, map(sub, self.c, d), repeat(h)))  # (c - d^2) h, every row
+        d = self._distances(tuple([v / xn for v in x]))
         return [xn * n * (1.0 - 0.5 * dd) for n, dd in zip(self.norms, d)]
 
     def _distances(self, xs: tuple):
