@@ -744,7 +744,8 @@ class RunDir:
         self.path, self.paths, self.words = out, run_paths(out), words
         self.created, self.metrics = False, None
         if not os.path.isdir(out):
-            if os.path.lexists(out):
+            # (isdir again: another trainer may have made the directory since the first look)
+            if os.path.lexists(out) and not os.path.isdir(out):
                 raise TrainingError(f"{words.flag('out', out)} exists and is not a directory")
             if not create:
                 raise TrainingError(f"nothing to resume in {out}: no last.safetensors there")
