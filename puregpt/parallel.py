@@ -13,6 +13,7 @@ polling its liveness while waiting: either way the run stops with an error namin
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -99,6 +100,7 @@ def _read(view, layout, into: dict | None = None) -> dict:
 
 
 def _worker_main(config, layout, weights_name, grads_name, conn, parent_pid):
+    gc.disable()  # what a step allocates never forms cycles: see ops.collector_paused
     weights = shared_memory.SharedMemory(name=weights_name)
     grads_mem = shared_memory.SharedMemory(name=grads_name)
     wview, gview = weights.buf.cast("d"), grads_mem.buf.cast("d")
@@ -411,6 +413,10 @@ class SplitStep:
         the loss is not finite, nothing is updated (the caller stops the run). The gradients
         are computed afresh (grads is only working space)."""
         assert params is self.params
+        with ops.collector_paused():
+            return self._step(params, grads, inputs, targets, lr, opt_state)
+
+    def _step(self, params, grads, inputs, targets, lr, opt_state):
         logits, cache = model.forward(_Arriving(params, self), self.config, inputs)
         loss, lcache = ops.cross_entropy_forward(logits, [y for seq in targets for y in seq])
         if not math.isfinite(loss):
@@ -471,6 +477,7 @@ def _read_into(view, layout, params) -> None:
 
 def _helper_main(config, tc, layers, sent, params, state, mem_names, work, done, conn,
                  parent_pid):
+    gc.disable()  # what a step allocates never forms cycles: see ops.collector_paused
     mems = [shared_memory.SharedMemory(name=name) for name in mem_names]
     views = [m.buf.cast("d") for m in mems]
     header, wview, sview = views

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import model, optim
+from . import model, ops, optim
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUMABLE_CHANGES, GPTConfig, TrainConfig
 from .data import Corpus, DataError, get_batch, load_corpus
@@ -110,13 +110,15 @@ def batch_grads(params, config, micro_batches, grads, workers=None) -> tuple[flo
     counts = [sum(1 for seq in targets for y in seq if y >= 0) for _, targets in micro_batches]
     total = sum(counts)
     loss = 0.0
-    for (inputs, targets), n in zip(micro_batches, counts):
-        # d(mean over all)/d(mean over this micro-batch) = n / total
-        if workers is not None:
-            micro_loss = workers.loss_and_grads(params, inputs, targets, grads, n / total)
-        else:
-            micro_loss = model.loss_and_grads(params, config, inputs, targets, grads, n / total)[0]
-        loss += micro_loss * n / total
+    with ops.collector_paused():
+        for (inputs, targets), n in zip(micro_batches, counts):
+            # d(mean over all)/d(mean over this micro-batch) = n / total
+            if workers is not None:
+                micro_loss = workers.loss_and_grads(params, inputs, targets, grads, n / total)
+            else:
+                micro_loss = model.loss_and_grads(params, config, inputs, targets, grads,
+                                                  n / total)[0]
+            loss += micro_loss * n / total
     return loss, total
 
 
@@ -129,7 +131,8 @@ def evaluate(params, config, examples, workers=None, chunk=64) -> float | None:
         if workers is not None:
             loss, n = workers.evaluate(params, inputs, targets)
         else:
-            loss, n = model.evaluate_loss(params, config, inputs, targets)
+            with ops.collector_paused():
+                loss, n = model.evaluate_loss(params, config, inputs, targets)
         total += loss * n
         count += n
     return total / count if count else None
