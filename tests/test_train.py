@@ -403,3 +403,54 @@ def test_api_refuses_resume_without_state(tmp_path):
     with pytest.raises(TrainingError, match="nothing to resume in .*: no last.safetensors"):
         train(resume=True, out=str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+# --- the garbage collector paused during a step (ops.collector_paused) ------------------------
+
+
+@pytest.mark.parametrize("arch", [
+    {},
+    {"norm": "layernorm", "norm_affine": True, "bias": True, "activation": "silu", "pos": "rope",
+     "mlp": "swiglu", "n_kv_head": 1, "qk_norm": True, "tie_embeddings": True},
+])
+def test_a_training_step_leaves_no_cyclic_garbage(arch):
+    """The pause is safe only because a step's lists never form reference cycles: everything a
+    forward + backward + AdamW step allocates is freed by reference counting, so a collection
+    run right after finds nothing (gc.collect() returns the unreachable objects it found)."""
+    import gc
+    import random
+
+    from puregpt import model, optim
+    from puregpt.train import batch_grads
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_embd=16, n_head=4, **arch)
+    rng = random.Random(0)
+    params = model.init_params(cfg, rng)
+    grads, state = model.zeros_like(params), optim.new_state(params)
+    batch = [([[rng.randrange(11) for _ in range(8)] for _ in range(3)],
+              [[rng.randrange(11) for _ in range(8)] for _ in range(3)])]
+    gc.collect()
+    assert gc.isenabled()
+    for _ in range(2):
+        batch_grads(params, cfg, batch, grads)
+        optim.adamw_step(params, grads, state, 1e-3, 0.9, 0.95, 1e-8, 0.1)
+        assert gc.isenabled()  # on again after the step
+        assert gc.collect() == 0
+
+
+def test_collector_paused_restores_the_state_it_found():
+    import gc
+
+    from puregpt import ops
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with ops.collector_paused():
+            assert not gc.isenabled()
+            raise KeyError("x")
+    assert gc.isenabled()  # on again, even after an error
+    gc.disable()
+    try:
+        with ops.collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller's own pause is not ended by ours
+    finally:
+        gc.enable()
