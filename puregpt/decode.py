@@ -176,6 +176,9 @@ class Matrix:
     def _distances(self, xs: tuple):
         """|xs - b|^2 for every row b: dist() per piece, the squares summed over a row's
         pieces."""
+        if self.k == 1:  # whole rows (in <= PIECE): nothing to cut, nothing to sum
+            d = list(map(math.dist, self.pieces, repeat(xs)))
+            return map(mul, d, d)
         w = self.width
         parts = [xs[a:a + w] for a in range(0, len(xs), w)]  # xs cut as the rows are
         d = list(map(math.dist, self.pieces, cycle(parts)))
