@@ -182,6 +182,8 @@ def test_pythons(tmp_path):
         assert all(positive(*t.values()) for t in paths["seconds"].values())
         assert set(p["results"]) == {"train-tiny", "train-large"}
         assert positive(p["results"]["train-large"]["fraction_of_products"])
+        ratio = bench.engine_path_ratio(p)  # the engine's path against the fastest: >= 1
+        assert ratio >= 1 and (ratio == 1) == (p["fastest"]["large"] == paths["chosen"])
         torch = p["results"]["train-tiny"]["torch"]
         assert ("skipped" in torch) != (p["env"]["torch"] is not None)
         assert f"Python {p['python']}" in stdout
