@@ -19,7 +19,7 @@ Layouts, by how a row is stored:
     a parameter (~10 at the peak), but each product first makes a float object per element
     (math.dist copies the row into a tuple, math.sumprod iterates it): ~0.5x the tuple
     layout's speed. The default from TUPLES_UP_TO parameters on: GPT-2 124M is then ready in
-    ~3 s and decodes at about a token a second on two cores;
+    3-5 s and decodes at 0.65-1.1 tokens a second on two cores, as the host allows;
   * "mixed": one row in every MIXED_EVERY a tuple, the others arrays: ~19 bytes a parameter
     at ~0.6x the tuple layout's speed, in between. Which rows are tuples depends only on a
     row's index in its matrix, never on how the rows are split across processes.
