@@ -2,7 +2,7 @@
 gradient-norm clipping.
 
 Per parameter, at step t = 1, 2, ...:
-    p = p - lr wd p                                (decoupled weight decay; skipped when wd = 0)
+    p = p - lr wd p                                (decoupled weight decay; nothing when wd = 0)
     m = beta1 m + (1 - beta1) g                    (running mean of gradients)
     v = beta2 v + (1 - beta2) g^2                  (running mean of squared gradients)
     p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
@@ -62,11 +62,10 @@ def adamw_update(p, g, m, v, t: int, lr, beta1, beta2, eps, weight_decay=0.0):
     # lr (m / bc1) / (sqrt(v / bc2) + eps) = step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
     step_size, inv_sqrt_bc2 = lr / (1 - beta1 ** t), 1 / math.sqrt(1 - beta2 ** t)
     c1, c2 = 1 - beta1, 1 - beta2
-    if weight_decay:
-        p = [pi * (1 - lr * weight_decay) for pi in p]
+    keep = 1 - lr * weight_decay  # the decay, p (1 - lr wd), folded into the last loop
     m = [beta1 * mi + c1 * gi for mi, gi in zip(m, g)]
     v = [beta2 * vi + c2 * gi * gi for vi, gi in zip(v, g)]
-    p = [pi - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
+    p = [pi * keep - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
          for pi, mi, si in zip(p, m, map(math.sqrt, v))]
     return p, m, v
 
