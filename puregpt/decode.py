@@ -12,21 +12,20 @@ matrix is prepared once instead, so that each product is one C call per output r
     than a factor 4, its rows are stored at unit length instead (see ops.matmul for the
     rounding argument: either way the error is ~1e-16 |x||b|, as good as a plain sum).
 
-Layouts, by how a row is stored:
-  * "tuple": every row a tuple of floats, ~36 bytes a parameter (a float object and a
+Layouts, by how a matrix's rows are stored:
+  * "tuple": every row as tuples of floats, ~36 bytes a parameter (a float object and a
     pointer): the fastest, one C loop over floats that already exist;
-  * "array": every row an array('d'), or array('f') for imported float32 weights: 8 or 4 bytes
-    a parameter (~10 at the peak), but each product first makes a float object per element
-    (math.dist copies the row into a tuple, math.sumprod iterates it): ~0.5x the tuple
-    layout's speed. The default from TUPLES_UP_TO parameters on: GPT-2 124M is then ready in
-    3-5 s and decodes at 0.65-1.1 tokens a second on two cores, as the host allows;
-  * "mixed": one row in every MIXED_EVERY a tuple, the others arrays: ~19 bytes a parameter
-    at ~0.6x the tuple layout's speed, in between. Which rows are tuples depends only on a
-    row's index in its matrix, never on how the rows are split across processes.
-Every row is computed by the same function whatever its storage (dist or sumprod read tuples
-and arrays alike), so the three layouts give exactly the same numbers (tested). Before 3.12 the
-rows are cut into pieces of PIECE values (see there: dist's copies of array rows then come from
-the float free list).
+  * "array": every row in one flat array per matrix, float64, or float32 for imported float32
+    weights (exact): 8 or 4 bytes a parameter (~7.5 at the peak for GPT-2), but each product
+    first makes a float object per element: struct's iter_unpack turns the flat array into
+    the tuple layout's very pieces, in C (~1.25x faster than iterating array rows), at ~0.5x
+    the tuple layout's speed. The default from TUPLES_UP_TO parameters on: GPT-2 124M is
+    then ready in 3-4 s and decodes at ~0.5 tokens a second on one core, ~0.9 on two;
+  * "mixed": the first TUPLE_SHARE["mixed"] of each matrix's rows (of each process's slice)
+    as tuples, the rest flat: ~18 bytes a parameter at ~0.6x the tuple layout's speed.
+Every row is computed by the same function from the same values whatever its storage (dist or
+sumprod over the same tuples), so the three layouts give exactly the same numbers (tested).
+Before 3.12 the rows are cut into pieces of about PIECE values (see there).
 
 Several processes (Decoder(..., workers=n)): every matrix's output rows are split into n
 contiguous slices; the calling process keeps slice 0 and worker process k slice k. The workers
@@ -48,7 +47,7 @@ import random
 import struct
 import traceback
 from array import array
-from itertools import cycle, repeat, starmap
+from itertools import chain, cycle, repeat, starmap
 from multiprocessing import shared_memory
 from operator import add, mul, sub
 from typing import Iterator
@@ -59,7 +58,9 @@ from .parallel import POLL_SECONDS, WorkerError, available_cpus, receive, stop_w
 from .sample import pick
 
 LAYOUTS = ("tuple", "mixed", "array")
-MIXED_EVERY = 3  # "mixed": rows 0, 3, 6, ... of every matrix are tuples
+# the share of each matrix's rows stored as tuples, by layout ("mixed": about 20 bytes a
+# parameter at GPT-2's size with float32 weights, tuples ~32 a value, flat float32 arrays 4)
+TUPLE_SHARE = {"tuple": 1.0, "mixed": 0.3, "array": 0.0}
 TUPLES_UP_TO = 20_000_000  # the default layout: "tuple" up to this many parameters, then "array"
 
 
@@ -81,64 +82,71 @@ def _plan(shortest: float, longest: float) -> float | None:
     return None
 
 
-def _as_tuple(r):
-    return r if type(r) is tuple else tuple(r)  # dist() reads tuples in place
-
-
-def _as_array(r):
-    return r if isinstance(r, array) else array("d", r)  # array('f') rows stay: 4 bytes a value
-
-
-def _stored(layout: str, row: int):
-    """How row number `row` of a matrix is stored in the layout: _as_tuple or _as_array."""
-    if layout == "tuple" or (layout == "mixed" and row % MIXED_EVERY == 0):
-        return _as_tuple
-    return _as_array
-
-
 # Before Python 3.12 (the dist() path) each row is cut into pieces of at most PIECE values: an
-# array piece is then copied into at most ~100 floats per dist() call, which CPython takes from
+# array piece is then made into at most ~100 floats per dist() call, which CPython takes from
 # its float free list (100 floats) instead of its allocator: ~20% faster decoding with array
 # rows. Distances add over pieces: |x - b|^2 = sum over pieces of |x_p - b_p|^2.
 PIECE = 96
 
 
-def _pieces(rows, layout: str, start: int, width: int) -> list:
-    """rows (any sequences of floats) as one flat list of pieces of `width` values (the last
-    piece of a row shorter), stored as the layout stores each row (rows[0] is row `start`)."""
-    out = []
-    for j, r in enumerate(rows):
-        store = _stored(layout, start + j)
-        if len(r) <= width:
-            out.append(store(r))
-        else:
-            out += [store(r[a:a + width]) for a in range(0, len(r), width)]
-    return out
+def _shape(cols: int) -> tuple[int, int]:
+    """(k, width): a row of `cols` values as k pieces of `width` (the last zero-padded when
+    width does not divide cols: zeros add nothing to a distance or a dot product)."""
+    if _SUMPROD:
+        return 1, cols
+    k = -(-cols // PIECE)
+    return k, -(-cols // k)
 
 
-def _grouped(values, k: int):
-    """Consecutive groups of k values, as tuples (in C: zip over one iterator k times)."""
-    it = iter(values)
-    return zip(*[it] * k)
+def typecode_of(rows) -> str:
+    """'f' (float32: exact, 4 bytes a value) when every row is a float32 array (imported
+    weights), else 'd'."""
+    return "f" if all(isinstance(r, array) and r.typecode == "f" for r in rows) else "d"
+
+
+def flatten(rows, typecode: str | None = None) -> array:
+    """Rows (lists, tuples or arrays) as one flat array of typecode (default: typecode_of)."""
+    typecode = typecode or typecode_of(rows)
+    flat = array(typecode)
+    if all(isinstance(r, array) and r.typecode == typecode for r in rows):
+        flat.frombytes(b"".join(rows))  # one allocation (extend() row by row reallocates)
+    else:
+        for r in rows:
+            flat.fromlist(list(r))
+    return flat
 
 
 class Matrix:
-    """Rows of one weight matrix (out, in), ready for W x: the rows as `pieces` (k a row: see
-    PIECE; whole rows, k = 1, with sumprod) in the layout, the rows' lengths, and rho (see
-    _plan; None: unit rows). Build with prepare_matrix, or finish() a slice (its first row
-    being row `start` of the matrix) once the whole matrix's shortest and longest row are
-    known."""
+    """Rows of one weight matrix (out, in), ready for W x. flat: the rows one after another (a
+    flat array, n_rows * cols values; float32 or float64), the first being row `start` of the
+    matrix. By the layout's TUPLE_SHARE, the first rows are kept as tuples of floats (`tuples`:
+    pieces of `width` values, k a row; whole rows, k = 1, with sumprod), the others stay in
+    the flat array (`flat`, padded to k * width a row), which struct's iter_unpack turns into
+    the same pieces, as tuples, at each product (in C: ~1.25x an array's own iteration). The
+    rows' lengths and rho (see _plan; None: unit rows) serve dist(). finish() a slice once the
+    whole matrix's shortest and longest row are known; prepare_matrix does both."""
 
-    def __init__(self, rows, layout: str, start: int = 0):
-        self.layout, self.start, self.n_rows = layout, start, len(rows)
-        cols = len(rows[0]) if rows else 1
-        self.width = cols if _SUMPROD else PIECE
-        self.k = -(-cols // self.width)  # pieces a row
-        self.pieces = _pieces(rows, layout, start, self.width)
+    def __init__(self, flat: array, cols: int, layout: str, start: int = 0):
+        self.layout, self.start = layout, start
+        self.n_rows = len(flat) // cols if cols else 0
+        self.k, self.width = _shape(cols)
+        if self.k * self.width != cols:  # pad each row with zeros to k pieces of `width`
+            pad = array(flat.typecode, bytes(flat.itemsize * (self.k * self.width - cols)))
+            flat = flatten([flat[i:i + cols] + pad for i in range(0, len(flat), cols)],
+                           flat.typecode)
+        self.unpack = struct.Struct(f"{self.width}{flat.typecode}").iter_unpack
+        n_tuples = round(self.n_rows * TUPLE_SHARE[layout])
+        cut = n_tuples * self.k * self.width  # values in the tuple rows
+        self.tuples = list(self.unpack(memoryview(flat)[:cut])) if cut else []
+        self.flat = flat[cut:] if cut else flat
         # the lengths serve dist() alone: sumprod needs none (skipping them saves a pass)
         self.norms = [] if _SUMPROD else list(starmap(
-            math.hypot, _grouped(starmap(math.hypot, self.pieces), self.k)))
+            math.hypot, _grouped(starmap(math.hypot, self.pieces()), self.k)))
         self.rho, self.c = None, None
+
+    def pieces(self):
+        """Every row's pieces, in order, as tuples: the tuple rows', then the flat rows'."""
+        return chain(self.tuples, self.unpack(self.flat)) if self.flat else iter(self.tuples)
 
     def stats(self) -> tuple[float, float]:
         return (min(self.norms), max(self.norms)) if self.norms else (math.inf, 0.0)
@@ -149,20 +157,23 @@ class Matrix:
             return self
         if rho is not None:
             self.c = [rho * rho + n * n for n in self.norms]  # |x'|^2 + |b|^2 for every row
-        else:  # unit rows (all-zero rows stay zero: their products are then 0)
-            self.pieces = [self._unit(i, p) for i, p in enumerate(self.pieces)]
+            return self
+        # unit rows (all-zero rows stay zero: their products are then 0), stored as before;
+        # the flat rows as float64 (scaled values are not float32s)
+        scaled = [tuple([v / n for v in piece]) if n else piece
+                  for piece, n in zip(self.pieces(), chain.from_iterable(
+                      map(repeat, self.norms, repeat(self.k))))]
+        n_tuples = len(self.tuples)
+        self.tuples = scaled[:n_tuples]
+        if self.flat:
+            self.flat = array("d", [v for piece in scaled[n_tuples:] for v in piece])
+            self.unpack = struct.Struct(f"{self.width}d").iter_unpack
         return self
-
-    def _unit(self, i: int, piece):
-        """Piece i scaled by its row's length, stored as its row is."""
-        row = i // self.k
-        n = self.norms[row]
-        return _stored(self.layout, self.start + row)(tuple([v / n for v in piece])) if n else piece
 
     def matvec(self, x: list[float]) -> list[float]:
         """W x for x (in,) -> (out,)."""
         if _SUMPROD:
-            return list(map(_SUMPROD, self.pieces, repeat(x)))
+            return list(map(_SUMPROD, self.pieces(), repeat(x)))
         xn = math.hypot(*x)
         if xn == 0.0:
             return [0.0] * self.n_rows
@@ -177,19 +188,26 @@ class Matrix:
         """|xs - b|^2 for every row b: dist() per piece, the squares summed over a row's
         pieces."""
         if self.k == 1:  # whole rows (in <= PIECE): nothing to cut, nothing to sum
-            d = list(map(math.dist, self.pieces, repeat(xs)))
+            d = list(map(math.dist, self.pieces(), repeat(xs)))
             return map(mul, d, d)
         w = self.width
+        xs += (0.0,) * (self.k * w - len(xs))  # padded as the rows are
         parts = [xs[a:a + w] for a in range(0, len(xs), w)]  # xs cut as the rows are
-        d = list(map(math.dist, self.pieces, cycle(parts)))
+        d = list(map(math.dist, self.pieces(), cycle(parts)))
         return map(sum, _grouped(map(mul, d, d), self.k))
+
+
+def _grouped(values, k: int):
+    """Consecutive groups of k values, as tuples (in C: zip over one iterator k times)."""
+    it = iter(values)
+    return zip(*[it] * k)
 
 
 _SUMPROD = getattr(math, "sumprod", None)  # Python 3.12+: a C dot product over tuples
 
 
 def prepare_matrix(rows, layout: str = "tuple") -> Matrix:
-    m = Matrix(rows, layout)
+    m = Matrix(flatten(rows), len(rows[0]) if rows else 1, layout)
     return m.finish(_plan(*m.stats()))
 
 
@@ -282,8 +300,7 @@ class Decoder:
     def _start(self, mats: dict) -> None:
         spans = {name: _slices(len(rows), self.n) for name, rows in mats.items()}
         # the rows as float64, or float32 when they are float32 arrays (exact, half the bytes)
-        codes = {name: "f" if isinstance(rows[0], array) and rows[0].typecode == "f" else "d"
-                 for name, rows in mats.items()}
+        codes = {name: typecode_of(rows) for name, rows in mats.items()}
         layout, offset = [], 0  # per worker: (name, byte offset, first row, rows, cols, typecode)
         for k in range(1, self.n):
             mine = []
@@ -295,11 +312,8 @@ class Decoder:
         self.mem = shared_memory.SharedMemory(create=True, size=max(8, offset))
         for k, mine in enumerate(layout, start=1):
             for name, at, a, n_rows, cols, code in mine:
-                for row in mats[name][a:a + n_rows]:
-                    if not (isinstance(row, array) and row.typecode == code):
-                        row = array(code, row)
-                    self.mem.buf[at:at + len(row) * row.itemsize] = memoryview(row).cast("B")
-                    at += len(row) * row.itemsize
+                flat = memoryview(flatten(mats[name][a:a + n_rows], code)).cast("B")
+                self.mem.buf[at:at + len(flat)] = flat
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         for k, mine in enumerate(layout, start=1):
             parent, child = ctx.Pipe()
@@ -312,7 +326,8 @@ class Decoder:
         # meanwhile, this process prepares its own slice (the workers do theirs in parallel)
         self.mats = {}
         for name in self.names:  # slice 0, from row 0; popped: the rows freed once prepared
-            self.mats[name] = Matrix(mats.pop(name)[:spans[name][0][1]], self.layout)
+            rows = mats.pop(name)[:spans[name][0][1]]
+            self.mats[name] = Matrix(flatten(rows, codes[name]), len(rows[0]), self.layout)
         del mats
         stats = [[m.stats() for m in self.mats.values()]]
         stats += [self._receive(w) for w in range(len(self.procs))]
@@ -502,8 +517,7 @@ def _worker_main(mine, layout, mem_name, conn, parent_pid):
         for name, at, first, n_rows, cols, code in mine:
             flat = array(code)
             flat.frombytes(mem.buf[at:at + n_rows * cols * flat.itemsize])
-            rows = [flat[r:r + cols] for r in range(0, n_rows * cols, cols)]
-            mats.append(Matrix(rows, layout, first))
+            mats.append(Matrix(flat, cols, layout, first))
         mem.close()
         conn.send(("ok", [m.stats() for m in mats]))
         rhos = conn.recv()

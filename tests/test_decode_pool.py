@@ -1,8 +1,7 @@
 """decode.py: decoding with prepared weights equals model.forward (within 1e-9: the products
 round differently, ~1e-16 relative), and several processes equal one exactly: the same logits
 bit for bit (so within any tolerance, 1e-12 stated), the same tokens. The mixed and compact
-layouts equal the tuple layout exactly, and which rows the mixed layout keeps as tuples does not
-depend on the process count; a worker that dies is an error naming it, not a hang. Also the
+layouts equal the tuple layout exactly (tuples and flat arrays hold the same values); a worker that dies is an error naming it, not a hang. Also the
 checkpoint loader's row layouts against an independent reader (struct, one value at a time,
 and the safetensors library)."""
 
@@ -23,8 +22,8 @@ from puregpt import api, model
 from puregpt.bpe import BPETokenizer
 from puregpt.checkpoint import Checkpoint, load_checkpoint, read_header, save_checkpoint
 from puregpt.config import GPTConfig
-from puregpt.decode import (LAYOUTS, MIXED_EVERY, PIECE, TUPLES_UP_TO, Decoder, Matrix,
-                            default_layout, prepare_matrix)
+from puregpt.decode import (LAYOUTS, PIECE, TUPLE_SHARE, TUPLES_UP_TO, Decoder, Matrix,
+                            default_layout, flatten, prepare_matrix)
 from puregpt.parallel import WorkerError
 from puregpt.sample import generate, stream_text
 from puregpt.tokenizer import CharTokenizer
@@ -103,29 +102,24 @@ def test_mixed_and_compact_layouts_equal_tuple_layout():
             assert list(other.generate([0], 30, random.Random(4))) == ref_tokens
 
 
-def test_mixed_layout_keeps_every_third_row_of_each_matrix_as_a_tuple():
-    """Rows 0, 3, 6, ... of a matrix are tuples, the rest arrays (float32 arrays stay float32);
-    a slice of rows (one process's share) follows the rows' indices in the whole matrix, so the
-    same rows are tuples with any number of processes."""
+@pytest.mark.parametrize("cols", [8, 2 * PIECE + 5])  # 2 PIECE + 5: 3 padded pieces before 3.12
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_store_the_rows_own_values(layout, cols):
+    """The first TUPLE_SHARE of a matrix's rows are tuples, the rest one flat array, float32
+    when the rows are (imported weights stay 4 bytes a value); either way every piece holds
+    the rows' own values, in order, zero-padded to k pieces of `width`."""
     rng = random.Random(0)
-    rows = [array("f", [rng.gauss(0, 1) for _ in range(8)]) for _ in range(11)]
-    kinds = [type(r) for r in Matrix(rows, "mixed").pieces]
-    assert MIXED_EVERY == 3
-    assert kinds == [tuple if i % 3 == 0 else array for i in range(11)]
-    assert all(r.typecode == "f" for r in Matrix(rows, "mixed").pieces if isinstance(r, array))
-    for start in (1, 4, 5):
-        assert [type(r) for r in Matrix(rows[start:], "mixed", start).pieces] == kinds[start:]
-    # rows longer than a piece (before Python 3.12): each piece stored as its row is
-    long = [array("f", [rng.gauss(0, 1) for _ in range(2 * PIECE + 5)]) for _ in range(7)]
-    m = Matrix(long, "mixed")
-    per_row = [[type(p) for p in m.pieces[i * m.k:(i + 1) * m.k]] for i in range(7)]
-    assert per_row == [[tuple if i % 3 == 0 else array] * m.k for i in range(7)]
-    assert m.k == (1 if hasattr(math, "sumprod") else 3)
-    assert [v for p in m.pieces for v in p] == [v for r in long for v in r]
-    assert all(type(r) is tuple for r in Matrix(rows, "tuple").pieces)
-    assert all(isinstance(r, array) for r in Matrix(rows, "array").pieces)
-    # the values are the rows' own, whatever the storage
-    assert all(list(a) == list(b) for a, b in zip(Matrix(rows, "mixed").pieces, rows))
+    rows = [array("f", [rng.gauss(0, 1) for _ in range(cols)]) for _ in range(11)]
+    m = Matrix(flatten(rows), cols, layout)
+    n_tuples = round(11 * TUPLE_SHARE[layout])
+    assert (m.k, m.k * m.width >= cols) == ((1, True) if hasattr(math, "sumprod")
+                                           else (-(-cols // PIECE), True))
+    assert len(m.tuples) == n_tuples * m.k and all(type(p) is tuple for p in m.tuples)
+    assert m.flat.typecode == "f" and len(m.flat) == (11 - n_tuples) * m.k * m.width
+    pad = [0.0] * (m.k * m.width - cols)
+    assert [v for p in m.pieces() for v in p] == [v for r in rows for v in list(r) + pad]
+    assert Matrix(flatten([list(r) for r in rows]), cols, layout).flat.typecode == "d"
+    assert TUPLE_SHARE == {"tuple": 1.0, "mixed": 0.3, "array": 0.0}
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -178,7 +172,7 @@ def test_matvec_rows_of_unequal_lengths(scale, cols):
     for layout in LAYOUTS:
         m = prepare_matrix(rows, layout)
         assert (m.rho is None) == (scale != 1.0) or hasattr(math, "sumprod")
-        assert len(m.pieces) == 9 * (1 if hasattr(math, "sumprod") else -(-cols // PIECE))
+        assert len(list(m.pieces())) == 9 * (1 if hasattr(math, "sumprod") else -(-cols // PIECE))
         outs.append(m.matvec(x))
         for got, r in zip(outs[-1], rows):
             exact = math.fsum(a * b for a, b in zip(r, x))
