@@ -536,7 +536,7 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "products (0: one per core; same tokens as one process; default: one per "
                    "core from a million parameters on, else 1)")
     s.add_argument("--layout", choices=("tuple", "mixed", "array"), help="how the decoder holds "
-                   "the weights: tuple (fastest, ~36 bytes a parameter), mixed (30% of the rows "
+                   "the weights: tuple (fastest, ~36 bytes a parameter), mixed (30%% of the rows "
                    "tuples: ~18 bytes, ~0.6x the speed) or array (~8 bytes, ~0.5x, ready "
                    "fastest); default: tuple up to 20M parameters, then array; the same tokens "
                    "in every layout")
