@@ -396,7 +396,7 @@ class Decoder:
 
     def _linear(self, name: str, x):
         """The linear layer `name` (a weight's name; its bias, if any, is name + "_b") on x."""
-        y = self.matvec(self.index[name], x)
+        y = self.mats[name].matvec(x) if not self.procs else self.matvec(self.index[name], x)
         bias = self.vectors.get(name + "_b")
         return y if bias is None else list(map(add, y, bias))
 
@@ -454,12 +454,14 @@ class Decoder:
         k = k[0]
         for j in range(cfg.kv_heads):
             keys[j].append(k[j * hd:(j + 1) * hd])
-            for col, x in zip(values[j], v[j * hd:(j + 1) * hd]):
-                col.append(x)
-        q, scale, out = q[0], 1.0 / math.sqrt(hd), []
-        for h in range(cfg.n_head):
-            scores = ops.dots(q[h * hd:(h + 1) * hd], keys[h // group])
-            out += ops.dots(ops.softmax([x * scale for x in scores]), values[h // group])
+            list(map(list.append, values[j], v[j * hd:(j + 1) * hd]))  # a column each, in C
+        # q scaled once by 1/sqrt(hd) for every head (rather than each head's scores: the
+        # same up to rounding, one list instead of n_head)
+        scale = 1.0 / math.sqrt(hd)
+        q, out = [x * scale for x in q[0]], []
+        for h, a in enumerate(range(0, cfg.n_head * hd, hd)):
+            out += ops.dots(ops.softmax(ops.dots(q[a:a + hd], keys[h // group])),
+                            values[h // group])
         return self._linear(p + "attn_wo", out)
 
     def _mlp(self, h, p):
