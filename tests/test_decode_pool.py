@@ -18,7 +18,7 @@ from array import array
 import pytest
 
 from conftest import COMBOS, combo_id, perturbed_params, tiny_config
-from puregpt import api, model
+from puregpt import api, decode, model
 from puregpt.bpe import BPETokenizer
 from puregpt.checkpoint import Checkpoint, load_checkpoint, read_header, save_checkpoint
 from puregpt.config import GPTConfig
@@ -120,6 +120,26 @@ def test_layouts_store_the_rows_own_values(layout, cols):
     assert [v for p in m.pieces() for v in p] == [v for r in rows for v in list(r) + pad]
     assert Matrix(flatten([list(r) for r in rows]), cols, layout).flat.typecode == "d"
     assert TUPLE_SHARE == {"tuple": 1.0, "mixed": 0.3, "array": 0.0}
+
+
+def test_spawned_workers_through_shared_memory_equal_forked_ones(monkeypatch):
+    """Where fork does not exist (macOS's and Windows' default is spawn) the workers get their
+    rows through a shared-memory block instead of a forked copy of the caller's memory: the
+    same logits bit for bit, float32 rows included, and the block is freed once they are
+    ready."""
+    cfg = tiny_config(COMBOS[3], vocab_size=13, n_embd=12, n_head=3)
+    params = perturbed_params(cfg, seed=4)
+    for name, t in params.items():  # float32 rows, as imported weights are
+        if t and isinstance(t[0], list):
+            params[name] = [array("f", r) for r in t]
+    tokens = [i % cfg.vocab_size for i in range(cfg.block_size)]
+    with Decoder(params, cfg, "mixed", workers=2) as forked:
+        assert forked.mem is None
+        ref = logits_by_step(forked, tokens)
+    monkeypatch.setattr(decode.mp, "get_all_start_methods", lambda: ["spawn"])
+    with Decoder(params, cfg, "mixed", workers=2) as spawned:
+        assert spawned.procs[0]._start_method == "spawn" and spawned.mem is None
+        assert logits_by_step(spawned, tokens) == ref
 
 
 @pytest.mark.parametrize("workers", [1, 2])
