@@ -160,11 +160,12 @@ def test_consume_takes_the_matrices_and_changes_no_number(workers):
         assert all(mine[k] is params[k] for k in mine)
 
 
-def test_default_layout_is_tuples_for_small_models_and_arrays_for_large():
-    assert default_layout(1000) == "tuple"
-    assert default_layout(TUPLES_UP_TO) == "tuple"
+def test_default_layout_is_tuples_for_small_models_then_mixed_on_several_processes():
+    assert default_layout(1000) == default_layout(1000, 2) == "tuple"
+    assert default_layout(TUPLES_UP_TO) == default_layout(TUPLES_UP_TO, 3) == "tuple"
     assert default_layout(TUPLES_UP_TO + 1) == "array"
-    assert default_layout(124_439_808) == "array"  # GPT-2 124M
+    assert default_layout(124_439_808) == "array"  # GPT-2 124M, one process
+    assert default_layout(124_439_808, 2) == default_layout(TUPLES_UP_TO + 1, 4) == "mixed"
     cfg = tiny_config(COMBOS[0])
     with Decoder(perturbed_params(cfg), cfg) as d:
         assert d.layout == "tuple"
