@@ -137,9 +137,9 @@ def stream(model: Checkpoint, prompt: str = "", *, max_new_tokens: int | None = 
     workers > 1 (0: one per core), a layout or compact=True decode with prepared weights
     (puregpt.decode.Decoder): the matrix-vector products split across `workers` processes
     (same tokens as one); layout says how the weights are held: "tuple" (fastest, ~36 bytes a
-    parameter), "mixed" (30% of each matrix's rows tuples, ~18 bytes) or "array" (4 or 8 bytes, ~0.5x
-    the speed; compact=True is layout="array"); None: decode.default_layout for the model's
-    size.
+    parameter), "mixed" (30% of each matrix's rows tuples, ~18 bytes) or "array" (4 or 8
+    bytes, ~0.5x the speed; compact=True is layout="array"); None: decode.default_layout for
+    the model's size and the processes.
     Every layout gives the same tokens. The worker processes stop when the stream is exhausted
     or closed.
     """

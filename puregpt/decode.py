@@ -259,8 +259,8 @@ class Cache:
 class Decoder:
     """KV-cached decoding with prepared weights. params: rows of lists, tuples or arrays (as
     checkpoint.load_checkpoint(rows=...) builds them); layout: "tuple" (fast), "mixed" or
-    "array" (compact), None: default_layout for the model's size and the processes; workers: processes sharing
-    the products (0: one per core); consume: take the weight matrices out of params as they
+    "array" (compact), None: default_layout for the model's size and the processes; workers:
+    processes sharing the products (0: one per core); consume: take the weight matrices out of params as they
     are prepared, each freed once prepared (the peak memory is then about the prepared
     layout's alone). Use as a context manager, or call close(), to stop the workers."""
 
