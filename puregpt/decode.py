@@ -50,7 +50,7 @@ import traceback
 from array import array
 from itertools import chain, cycle, repeat, starmap
 from multiprocessing import shared_memory
-from operator import add, mul, sub
+from operator import add, mul
 from typing import Iterator
 
 from . import model, ops
@@ -184,8 +184,11 @@ class Matrix:
             return [0.0] * self.n_rows
         if self.rho is not None:
             s, h = self.rho / xn, 0.5 * xn / self.rho
-            d = self._distances(tuple(map(mul, x, repeat(s))))
-            return list(map(mul, map(sub, self.c, d), repeat(h)))  # (c - d^2) h, every row
+            xs = tuple(map(mul, x, repeat(s)))
+            if self.k == 1:  # (c - d^2) h, every row; one comprehension: ~5% faster than maps
+                return [(c - d * d) * h
+                        for c, d in zip(self.c, map(math.dist, self.pieces(), repeat(xs)))]
+            return [(c - dd) * h for c, dd in zip(self.c, self._distances(xs))]
         d = self._distances(tuple([v / xn for v in x]))
         return [xn * n * (1.0 - 0.5 * dd) for n, dd in zip(self.norms, d)]
 
