@@ -2,9 +2,9 @@
 the real 50,257-token vocabulary): `puregpt import-hf` of a Hugging Face directory, loading the
 checkpoint ready to sample, and greedy KV-cached decoding with 1 and 2 processes (tokens asserted
 identical) in each row layout (array, the default at this size on one process; mixed, the
-default on two; tuple). Each step runs in
-a fresh process (`run.py _gpt2-child`) that reports its wall and CPU seconds and its peak RSS, so a loaded machine shows in the gap
-between the two clocks.
+default on two; tuple). Each step runs in a fresh process (`run.py _gpt2-child`) that reports
+its wall and CPU seconds and its peak RSS, so a loaded machine shows in the gap between the two
+clocks.
 
 The directory is written directly (no torch): config.json, merges.txt + vocab.json (256 byte
 tokens, 50,000 merges of byte pairs, <|endoftext|>) and model.safetensors in F32 whose weights

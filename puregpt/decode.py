@@ -16,13 +16,14 @@ Layouts, by how a matrix's rows are stored:
   * "tuple": every row as tuples of floats, ~36 bytes a parameter (a float object and a
     pointer): the fastest, one C loop over floats that already exist;
   * "array": every row in one flat array per matrix, float64, or float32 for imported float32
-    weights (exact): 8 or 4 bytes a parameter (~7.5 at the peak for GPT-2), but each product
+    weights (exact): 8 or 4 bytes a parameter (~8.5 at the peak for GPT-2), but each product
     first makes a float object per element: struct's iter_unpack turns the flat array into
     the tuple layout's very pieces, in C (~1.25x faster than iterating array rows), at ~0.5x
-    the tuple layout's speed. The default from TUPLES_UP_TO parameters on: GPT-2 124M is
-    then ready in 3-4 s and decodes at ~0.5 tokens a second on one core, ~0.9 on two;
+    the tuple layout's speed. The default from TUPLES_UP_TO parameters on, on one process:
+    GPT-2 124M is then ready in ~4 s and decodes at ~0.5 tokens a second (~1 on two);
   * "mixed": the first TUPLE_SHARE["mixed"] of each matrix's rows (of each process's slice)
-    as tuples, the rest flat: ~18 bytes a parameter at ~0.6x the tuple layout's speed.
+    as tuples, the rest flat: ~18 bytes a parameter at ~0.6x the tuple layout's speed; the
+    default from TUPLES_UP_TO parameters on, on several processes (see default_layout).
 Every row is computed by the same function from the same values whatever its storage (dist or
 sumprod over the same tuples), so the three layouts give exactly the same numbers (tested).
 Before 3.12 the rows are cut into pieces of about PIECE values (see there).
@@ -31,8 +32,8 @@ Several processes (Decoder(..., workers=n)): every matrix's output rows are spli
 contiguous slices; the calling process keeps slice 0 and worker process k slice k. A forked
 worker reads its rows from its copy of the caller's memory; a spawned one (where fork does not
 exist) through one shared-memory block (written once, freed when they are ready). Each builds
-and keeps its own prepared slices, and then per product receive x (its float64
-bytes through a pipe) and send back their outputs. Every output element is computed by the very
+and keeps its own prepared slices, and then per product receives x (its float64 bytes through a
+pipe) and sends back its outputs. Every output element is computed by the very
 same function from the very same numbers whichever process owns its row, so the logits, and the
 tokens, are bit-identical to one process. A worker that dies or fails is noticed while waiting
 (its liveness is polled) and raises parallel.WorkerError naming it.
@@ -59,8 +60,8 @@ from .parallel import POLL_SECONDS, WorkerError, available_cpus, receive, stop_w
 from .sample import pick
 
 LAYOUTS = ("tuple", "mixed", "array")
-# the share of each matrix's rows stored as tuples, by layout ("mixed": about 20 bytes a
-# parameter at GPT-2's size with float32 weights, tuples ~32 a value, flat float32 arrays 4)
+# the share of each matrix's rows stored as tuples, by layout ("mixed": ~18 bytes a parameter
+# at GPT-2's size with float32 weights on one process, tuples ~32 a value, flat float32 arrays 4)
 TUPLE_SHARE = {"tuple": 1.0, "mixed": 0.3, "array": 0.0}
 TUPLES_UP_TO = 20_000_000  # the default layout: "tuple" up to this many parameters, then see below
 
@@ -70,7 +71,7 @@ def default_layout(n_params: int, processes: int = 1) -> str:
     while that is under a GB or so; for larger models, making the tuples' float objects is
     most of the preparation, so: "mixed" on several processes (each makes and holds only its
     share of the tuples, in parallel: GPT-2 124M ready in ~4.5 s on two, ~1.1 tokens a second,
-    ~13 bytes a parameter a process), "array" on one (ready in ~4 s, ~8 bytes a parameter)."""
+    11-13 bytes a parameter a process), "array" on one (ready in ~4 s, ~8.5 bytes)."""
     if n_params <= TUPLES_UP_TO:
         return "tuple"
     return "mixed" if processes > 1 else "array"
@@ -122,17 +123,16 @@ def flatten(rows, typecode: str | None = None) -> array:
 
 
 class Matrix:
-    """Rows of one weight matrix (out, in), ready for W x. flat: the rows one after another (a
-    flat array, n_rows * cols values; float32 or float64), the first being row `start` of the
-    matrix. By the layout's TUPLE_SHARE, the first rows are kept as tuples of floats (`tuples`:
+    """Rows of one weight matrix (out, in), or of a slice of its rows, ready for W x. flat: the
+    rows one after another (a flat array, n_rows * cols values; float32 or float64). By the
+    layout's TUPLE_SHARE, the first rows are kept as tuples of floats (`tuples`:
     pieces of `width` values, k a row; whole rows, k = 1, with sumprod), the others stay in
     the flat array (`flat`, padded to k * width a row), which struct's iter_unpack turns into
     the same pieces, as tuples, at each product (in C: ~1.25x an array's own iteration). The
     rows' lengths and rho (see _plan; None: unit rows) serve dist(). finish() a slice once the
     whole matrix's shortest and longest row are known; prepare_matrix does both."""
 
-    def __init__(self, flat: array, cols: int, layout: str, start: int = 0):
-        self.layout, self.start = layout, start
+    def __init__(self, flat: array, cols: int, layout: str):
         self.n_rows = len(flat) // cols if cols else 0
         self.k, self.width = _shape(cols)
         if self.k * self.width != cols:  # pad each row with zeros to k pieces of `width`
@@ -263,9 +263,9 @@ class Decoder:
     """KV-cached decoding with prepared weights. params: rows of lists, tuples or arrays (as
     checkpoint.load_checkpoint(rows=...) builds them); layout: "tuple" (fast), "mixed" or
     "array" (compact), None: default_layout for the model's size and the processes; workers:
-    processes sharing the products (0: one per core); consume: take the weight matrices out of params as they
-    are prepared, each freed once prepared (the peak memory is then about the prepared
-    layout's alone). Use as a context manager, or call close(), to stop the workers."""
+    processes sharing the products (0: one per core); consume: take the weight matrices out
+    of params as they are prepared, each freed once prepared (the peak memory is then about
+    the prepared layout's alone). Use as a context manager, or call close(), to stop the workers."""
 
     def __init__(self, params: dict, config, layout: str | None = None, workers: int = 1,
                  consume: bool = False):
@@ -542,13 +542,13 @@ def _worker_main(mine, layout, mem_name, sources, conn, parent_pid):
     try:
         mem = shared_memory.SharedMemory(name=mem_name) if sources is None else None
         mats = []
-        for i, (name, at, first, n_rows, cols, code) in enumerate(mine):
+        for i, (name, at, _, n_rows, cols, code) in enumerate(mine):
             if sources is None:
                 flat = array(code)
                 flat.frombytes(mem.buf[at:at + n_rows * cols * flat.itemsize])
             else:
                 flat, sources[i] = flatten(sources[i], code), None
-            mats.append(Matrix(flat, cols, layout, first))
+            mats.append(Matrix(flat, cols, layout))
         if mem is not None:
             mem.close()
         conn.send(("ok", [m.stats() for m in mats]))

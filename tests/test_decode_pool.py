@@ -1,8 +1,9 @@
 """decode.py: decoding with prepared weights equals model.forward (within 1e-9: the products
 round differently, ~1e-16 relative), and several processes equal one exactly: the same logits
 bit for bit (so within any tolerance, 1e-12 stated), the same tokens. The mixed and compact
-layouts equal the tuple layout exactly (tuples and flat arrays hold the same values); a worker that dies is an error naming it, not a hang. Also the
-checkpoint loader's row layouts against an independent reader (struct, one value at a time,
+layouts equal the tuple layout exactly (tuples and flat arrays hold the same values), and
+spawned workers equal forked ones; a worker that dies is an error naming it, not a hang. Also
+the checkpoint loader's row layouts against an independent reader (struct, one value at a time,
 and the safetensors library)."""
 
 from __future__ import annotations
