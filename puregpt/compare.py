@@ -409,15 +409,16 @@ class Pool:
                                                          self.data, job.dir, state == "partial"),
                                     daemon=False)
         # Ctrl-C during the fork would reach the child before it has handlers of its own
-        # (it would run the parent's copy and train on): signals wait until both are ready
+        # (it would run the parent's copy and train on): signals wait until both are ready,
+        # and until the job is marked running, so that the handler forwards them to it
         blocked = _block_signals()
         try:
             job.proc.start()
+            job.conn, job.state, job.step, job.start_step = parent, "running", step, step
+            job.t0 = time.monotonic()
         finally:
             _unblock_signals(blocked)
         child.close()
-        job.conn, job.state, job.step, job.start_step = parent, "running", step, step
-        job.t0 = time.monotonic()
 
     def _read(self, job: Job) -> None:
         try:

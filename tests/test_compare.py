@@ -6,6 +6,7 @@ runs, several runs on one plot, and bad input refused before anything trains."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import statistics
@@ -442,6 +443,28 @@ def test_the_report_is_redrawn_as_runs_finish(tmp_path):
     assert running and report.exists()
     rows = {r[1].replace(" (baseline)", ""): r for r in md_table(report.read_text(), "Ranking")}
     assert rows["steps=4"][8] == "1/1" and rows["steps=3000"][8] == "0/1"
+
+
+def test_ctrl_c_while_a_run_is_forked_stops_that_run(tmp_path, monkeypatch):
+    """A Ctrl-C that lands while the pool forks a run waits (signals are blocked around the
+    fork) and then reaches that run: it stops instead of training on unseen. The signal is
+    sent from inside Process.start, so it is pending exactly in that window."""
+    import multiprocessing.process
+    from puregpt import compare as compare_mod
+    from puregpt.train import Interrupted
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def start_then_ctrl_c(self):
+        real_start(self)
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_then_ctrl_c)
+    g = build_grid({"n_embd": 8, "n_head": 2, "block_size": 8},
+                   {"batch_size": 2, "eval_tokens": 64, "warmup": 0, "steps": 5000},
+                   ["pos=learned"], seeds=1, data=str(names_file(tmp_path, 200)))
+    with pytest.raises(Interrupted, match="1 run"):  # (before the fix: 0 runs, it trained on)
+        compare_mod.compare(g, str(tmp_path / "c"), jobs=1, quiet=True)
+    run_dir = tmp_path / "c" / g.configs[0].name / "seed-42"
+    assert compare_mod.run_state(str(run_dir), 5000)[0] != "done"
 
 
 def test_more_seeds_on_a_rerun_add_runs_and_keep_the_others(tmp_path):
