@@ -517,11 +517,13 @@ class Decoder:
         tokens = list(context)
         kv = self.new_cache()
         logits = self.feed(tokens[-cfg.block_size:], kv)
-        for _ in range(max_new_tokens):
+        for n in range(max_new_tokens):
             token = pick(logits, rng, temperature, top_k, top_p, greedy)
             if token == stop_token:
                 return
             yield token
+            if n + 1 == max_new_tokens:  # the last token: no logits after it are needed
+                return
             tokens.append(token)
             if kv.length < cfg.block_size:  # room left: one more position through the cache
                 logits = self.step(token, kv)

@@ -90,11 +90,13 @@ def generate(params: dict, config, context: list[int], max_new_tokens: int,
     window = tokens[-config.block_size:]
     kv = model.new_kv_cache(config)
     logits, _ = model.forward(params, config, [window], kv=kv)
-    for _ in range(max_new_tokens):
+    for n in range(max_new_tokens):
         token = pick(logits[-1], rng, temperature, top_k, top_p, greedy)
         if token == stop_token:
             return
         yield token
+        if n + 1 == max_new_tokens:  # the last token: no logits after it are needed
+            return
         tokens.append(token)
         if len(kv[0][0]) < config.block_size:  # room left: one more position through the cache
             logits, _ = model.forward(params, config, [[token]], kv=kv,

@@ -181,6 +181,30 @@ def test_decoder_tokens_equal_sample_generate():
         assert list(d.generate([3, 4], 25, random.Random(0), greedy=True)) == ref
 
 
+def test_generation_computes_no_logits_after_the_last_token(monkeypatch):
+    """n new tokens after a context of c: c + n - 1 positions through the model, not c + n (the
+    logits after the last token would be thrown away), in the decoder and in sample.generate,
+    with the same tokens as before (a full run, then its prefix)."""
+    cfg = tiny_config(COMBOS[0], vocab_size=20, n_embd=16)
+    params = perturbed_params(cfg, seed=3)
+    positions = []
+    real_forward = model.forward
+
+    def counting_forward(params, config, tokens, *args, **kwargs):
+        positions.append(len(tokens[0]))
+        return real_forward(params, config, tokens, *args, **kwargs)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    tokens = list(generate(params, cfg, [3, 4], 5, random.Random(0), greedy=True))
+    assert sum(positions) == 2 + 5 - 1
+    assert list(generate(params, cfg, [3, 4], 3, random.Random(0), greedy=True)) == tokens[:3]
+    steps = []
+    with Decoder(params, cfg) as d:
+        real_step = d.step
+        monkeypatch.setattr(d, "step", lambda t, kv: steps.append(t) or real_step(t, kv))
+        assert list(d.generate([3, 4], 5, random.Random(0), greedy=True)) == tokens
+    assert steps == [3, 4] + tokens[:4]
+
+
 @pytest.mark.parametrize("cols", [40, 250])  # 250: rows of three pieces before Python 3.12
 @pytest.mark.parametrize("scale", [1.0, 1e-3])
 def test_matvec_rows_of_unequal_lengths(scale, cols):
