@@ -73,8 +73,8 @@ def shape_probs(logits: list[float], temperature: float = 1.0, top_k: int = 0,
 def pick(logits: list[float], rng: random.Random, temperature: float = 1.0, top_k: int = 0,
          top_p: float = 1.0, greedy: bool = False) -> int:
     """Choose the next token id."""
-    if greedy:
-        return max(range(len(logits)), key=logits.__getitem__)
+    if greedy:  # the first largest logit (index() finds the very object max() returned)
+        return logits.index(max(logits))
     probs = shape_probs(logits, temperature, top_k, top_p)
     return rng.choices(range(len(probs)), weights=probs)[0]
 
