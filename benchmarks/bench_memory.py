@@ -4,8 +4,10 @@ the floor (interpreter with puregpt and the benchmarks imported), train-tiny, tr
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
+import threading
 
 import bench_train_large
 import scalar_baseline
@@ -28,6 +30,65 @@ def peak_rss_kb() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak
+
+
+def pss_kb(pid: int) -> int | None:
+    """A process's proportional set size (kB): its private pages plus its share of the pages it
+    shares (a page two processes map counts half in each), so that the processes' PSS add up
+    to the memory they hold together. None where /proc has no smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is pid (from /proc/*/stat)."""
+    out = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # (the name may hold spaces)
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(name))
+    return out
+
+
+class PssPeak:
+    """The peak, over time, of this process's PSS plus its children's (kB), sampled every
+    `every` seconds by a thread while in a `with` block: the memory a process and its forked
+    workers hold together, each shared page counted once (summing their peak RSS counts the
+    pages a forked worker shares with its parent in both). peak_kb is None without /proc."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.peak_kb = every, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        while True:
+            sizes = [pss_kb(pid) for pid in [me] + children_of(me)]
+            if sizes[0] is not None:
+                total = sum(s for s in sizes if s is not None)
+                self.peak_kb = total if self.peak_kb is None else max(self.peak_kb, total)
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def child(words: list[str]) -> None:

@@ -147,8 +147,37 @@ def test_gpt2(tmp_path):
         d = r["decode"][name]
         assert len(d["tokens"]) == r["new_tokens"] == 3
         assert positive(d["tokens_per_s"], d["tokens_per_cpu_s"], d["ready"]["wall_s"],
-                        d["bytes_per_param"])
+                        d["bytes_per_param"], d["bytes_per_param_together"])
+        # together (PSS, shared pages once) is at most the processes' RSS summed
+        assert d["bytes_per_param_together"] <= d["bytes_per_param_all_processes"] * 1.05
     assert "gpt2 decode" in stdout
+
+
+def test_pss_peak_counts_pages_a_forked_child_shares_once():
+    """bench_memory.PssPeak against a known layout: a 256 MB buffer, then a forked child that
+    maps the same pages (copy-on-write, untouched) and 64 MB of its own. The two RSS sum to
+    ~576 MB above the baseline; their PSS together to ~320 MB (each shared page once)."""
+    import os
+    import time
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_memory import PssPeak, pss_kb
+    MB = 1024
+    base = pss_kb(os.getpid())
+    buf = bytearray(256 * MB * 1024)
+    buf[::4096] = b"\x01" * len(buf[::4096])  # touch every page
+    r, w = os.pipe()
+    with PssPeak(every=0.05) as peak:
+        pid = os.fork()
+        if pid == 0:  # the child: 64 MB of its own, then wait to be told to exit
+            own = bytearray(64 * MB * 1024)
+            own[::4096] = b"\x01" * len(own[::4096])
+            os.read(r, 1)
+            os._exit(0)
+        time.sleep(1.0)  # several samples with both processes alive
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+    together_mb = (peak.peak_kb - base) / MB
+    assert 300 <= together_mb <= 380, together_mb  # ~320, not ~576
 
 
 def test_compare(tmp_path):
