@@ -537,7 +537,7 @@ def build_parser(active_preset: str = "default") -> argparse.ArgumentParser:
                    "core from a million parameters on, else 1)")
     s.add_argument("--layout", choices=("tuple", "mixed", "array"), help="how the decoder holds "
                    "the weights: tuple (fastest, ~36 bytes a parameter), mixed (30%% of the rows "
-                   "tuples: ~18 bytes, ~0.6x the speed) or array (~8.5 bytes, ~0.5x, ready "
+                   "tuples: ~18 bytes, ~0.6x the speed) or array (~7 bytes, ~0.5x, ready "
                    "fastest); default: tuple up to 20M parameters, then mixed on several "
                    "processes, array on one; the same tokens in every layout")
     s.add_argument("--compact", action="store_true", help="the same as --layout array")

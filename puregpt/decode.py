@@ -16,7 +16,7 @@ Layouts, by how a matrix's rows are stored:
   * "tuple": every row as tuples of floats, ~36 bytes a parameter (a float object and a
     pointer): the fastest, one C loop over floats that already exist;
   * "array": every row in one flat array per matrix, float64, or float32 for imported float32
-    weights (exact): 8 or 4 bytes a parameter (~8.5 at the peak for GPT-2), but each product
+    weights (exact): 8 or 4 bytes a parameter (~7 at the peak for GPT-2), but each product
     first makes a float object per element: struct's iter_unpack turns the flat array into
     the tuple layout's very pieces, in C (~1.25x faster than iterating array rows), at ~0.5x
     the tuple layout's speed. The default from TUPLES_UP_TO parameters on, on one process:
@@ -41,6 +41,7 @@ tokens, are bit-identical to one process. A worker that dies or fails is noticed
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import multiprocessing as mp
@@ -70,8 +71,8 @@ def default_layout(n_params: int, processes: int = 1) -> str:
     """The layout Decoder takes by default: all tuples (the fastest, ~36 bytes a parameter)
     while that is under a GB or so; for larger models, making the tuples' float objects is
     most of the preparation, so: "mixed" on several processes (each makes and holds only its
-    share of the tuples, in parallel: GPT-2 124M ready in ~4.5 s on two, ~1.1 tokens a second,
-    11-13 bytes a parameter a process), "array" on one (ready in ~4 s, ~8.5 bytes)."""
+    share of the tuples, in parallel: GPT-2 124M ready in ~4 s on two, ~1.1 tokens a second,
+    ~18 bytes a parameter for both together by PSS), "array" on one (ready in ~4 s, ~7 bytes)."""
     if n_params <= TUPLES_UP_TO:
         return "tuple"
     return "mixed" if processes > 1 else "array"
@@ -236,6 +237,22 @@ def matrices(params: dict, config, consume: bool = False) -> dict:
     return out
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere
+    nothing). Freed rows (arrays of ~3 KB each at GPT-2's size) leave free blocks that glibc
+    keeps resident: trimmed as each matrix is prepared, that is ~1 byte a parameter less
+    (GPT-2 on 2 processes: 9.4 -> 8.5 bytes in the main process, 9.7 -> 9.0 in its worker, by
+    PSS), for ~0.6 s more preparation."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+    _malloc_trim = None
+
+
 def _slices(n_rows: int, n: int) -> list[tuple[int, int]]:
     """n contiguous [start, end) ranges of about equal size over n_rows rows."""
     return [(n_rows * k // n, n_rows * (k + 1) // n) for k in range(n)]
@@ -297,6 +314,7 @@ class Decoder:
                     self.mats = {}
                     for name in self.names:  # popped: each matrix's rows freed once prepared
                         self.mats[name] = prepare_matrix(mats.pop(name), layout)
+                        release_free_memory()
                 else:
                     self._start(mats)
         except BaseException:
@@ -318,30 +336,32 @@ class Decoder:
                 offset += (b - a) * len(rows[0]) * array(codes[name]).itemsize
             layout.append(mine)
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "fork":
-            # a forked worker already sees the rows (its copy of this process's memory): it
-            # reads its slices in place, which saves writing them to shared memory (page
-            # faults on fresh shared pages: ~0.8 s of GPT-2's preparation on 2 processes)
-            sources = [[mats[name][a:a + n] for name, _, a, n, _, _ in mine] for mine in layout]
-        else:
+        forked = ctx.get_start_method() == "fork"
+        if not forked:
             self.mem = shared_memory.SharedMemory(create=True, size=max(8, offset))
             self._share(mats, layout)
-            sources = [None] * len(layout)
-        for mine, rows in zip(layout, sources):
+        for mine in layout:
+            # a forked worker already sees the rows (its copy of this process's memory): it
+            # reads its slices in place, which saves writing them to shared memory (page
+            # faults on fresh shared pages: ~0.8 s of GPT-2's preparation on 2 processes),
+            # and lets go of the rest of its copy of `mats` (see _worker_main)
+            rows = [mats[name][a:a + n] for name, _, a, n, _, _ in mine] if forked else None
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, daemon=True,
                                args=(mine, self.layout, self.mem and self.mem.name, rows, child,
-                                     os.getpid()))
+                                     os.getpid(), mats if forked else None))
             proc.start()
             child.close()
             self.procs.append(proc)
             self.conns.append(parent)
-        del sources, rows  # (the workers' rows: this process frees them as it goes)
+            del rows  # (the workers' rows: this process frees them as it goes)
         # meanwhile, this process prepares its own slice (the workers do theirs in parallel)
         self.mats = {}
         for name in self.names:  # slice 0, from row 0; popped: the rows freed once prepared
             rows = mats.pop(name)[:spans[name][0][1]]
             self.mats[name] = Matrix(flatten(rows, codes[name]), len(rows[0]), self.layout)
+            del rows
+            release_free_memory()
         del mats
         stats = [[m.stats() for m in self.mats.values()]]
         stats += [self._receive(w) for w in range(len(self.procs))]
@@ -548,11 +568,16 @@ class Decoder:
         return lambda params, config, *args, **kwargs: self.generate(*args, **kwargs)
 
 
-def _worker_main(mine, layout, mem_name, sources, conn, parent_pid):
+def _worker_main(mine, layout, mem_name, sources, conn, parent_pid, inherited=None):
     """A worker: prepare its slices (from `sources`, its rows when forked, else the shared
-    block), then compute products on request."""
+    block), then compute products on request. inherited: when forked, the caller's dict of
+    every matrix's rows, emptied here: the rows this worker does not own are freed (and their
+    pages handed back) instead of staying resident in its copy after the caller frees its own."""
     gc.disable()  # the rows and their floats are all the worker allocates: nothing to collect
     try:
+        while inherited:
+            inherited.popitem()
+            release_free_memory()
         mem = shared_memory.SharedMemory(name=mem_name) if sources is None else None
         mats = []
         for i, (name, at, _, n_rows, cols, code) in enumerate(mine):
@@ -561,6 +586,7 @@ def _worker_main(mine, layout, mem_name, sources, conn, parent_pid):
                 flat.frombytes(mem.buf[at:at + n_rows * cols * flat.itemsize])
             else:
                 flat, sources[i] = flatten(sources[i], code), None
+                release_free_memory()
             mats.append(Matrix(flat, cols, layout))
         if mem is not None:
             mem.close()
