@@ -17,8 +17,10 @@ import gc
 import math
 import multiprocessing as mp
 import os
+import signal
 import traceback
 from array import array
+from contextlib import contextmanager
 from itertools import chain
 from multiprocessing import shared_memory
 
@@ -33,6 +35,33 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+@contextmanager
+def signals_held():
+    """Start worker processes inside this block. Ctrl-C on a terminal signals the whole process
+    group, and a worker killed by it would fail the step instead of letting the main process
+    finish it and save a resumable checkpoint: so workers ignore SIGINT and SIGTERM. They are
+    started with both blocked (the mask is inherited through fork and exec) and unblock them
+    once they ignore them (`ignore_signals`); a signal that reaches the main process meanwhile
+    waits, and is handled when the block ends, instead of being lost."""
+    held = hasattr(signal, "pthread_sigmask")
+    if held:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_signals() -> None:
+    """A worker's first act (see `signals_held`): the main process handles SIGINT and SIGTERM;
+    the worker stops when the pool closes, or when it notices that its parent died."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # (also drops any copy pending since the fork)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 class WorkerError(RuntimeError):
@@ -100,6 +129,7 @@ def _read(view, layout, into: dict | None = None) -> dict:
 
 
 def _worker_main(config, layout, weights_name, grads_name, conn, parent_pid):
+    ignore_signals()
     gc.disable()  # what a step allocates never forms cycles: see ops.collector_paused
     weights = shared_memory.SharedMemory(name=weights_name)
     grads_mem = shared_memory.SharedMemory(name=grads_name)
@@ -168,7 +198,8 @@ class WorkerPool:
                 proc = ctx.Process(target=_worker_main, daemon=True,
                                    args=(config, self.layout, self.weights.name, mem.name, child,
                                          os.getpid()))
-                proc.start()
+                with signals_held():
+                    proc.start()
                 child.close()
                 self.procs.append(proc)
                 self.conns.append(parent)
@@ -354,7 +385,8 @@ class SplitStep:
                   helper_state,
                   [m.name for m in self.mems], self.work, self.done, child, os.getpid()))
         try:
-            self.proc.start()
+            with signals_held():
+                self.proc.start()
         except BaseException:
             self.close()
             raise
@@ -477,6 +509,7 @@ def _read_into(view, layout, params) -> None:
 
 def _helper_main(config, tc, layers, sent, params, state, mem_names, work, done, conn,
                  parent_pid):
+    ignore_signals()
     gc.disable()  # what a step allocates never forms cycles: see ops.collector_paused
     mems = [shared_memory.SharedMemory(name=name) for name in mem_names]
     views = [m.buf.cast("d") for m in mems]

@@ -343,10 +343,16 @@ class Run:
         self.first_loss, self.vals, self.warned = None, [], False  # watch_loss's memory
         if run_dir is not None:
             run_dir.begin(self._run_info(), resume, self.start, self.snapshot)
-        self.workers, self.split = _start_parallel(self.config, tc, self.params, self.opt_state)
-        self._describe(resume, out, changes)
-        if run_dir is not None:
+            # before the workers start: a signal meanwhile waits for them (parallel.signals_held)
+            # and then stops the run after its first step, saved, like one at any later step
             self._handlers = _catch_signals(self._on_signal)
+        try:
+            self.workers, self.split = _start_parallel(self.config, tc, self.params,
+                                                       self.opt_state)
+            self._describe(resume, out, changes)
+        except BaseException:
+            self.close()  # (the handlers go back: train() gets no Run to close)
+            raise
 
     # --- the loop: what happens in one training step ---
 
@@ -691,12 +697,12 @@ def _start_parallel(config, tc: TrainConfig, params, opt_state):
     n_workers = tc.workers or available_cpus()
     if n_workers > 1 and tc.batch_size > 1:
         from .parallel import WorkerPool
-        return _start_workers(lambda: WorkerPool(config, min(n_workers, tc.batch_size))), None
+        return WorkerPool(config, min(n_workers, tc.batch_size)), None
     if n_workers > 1 and tc.grad_accum == 1 and tc.grad_clip == 0:
         # one sequence per step: split its backward pass and update across two processes
         # (clipping would need every gradient before any update)
         from .parallel import SplitStep
-        return None, _start_workers(lambda: SplitStep(config, tc, params, opt_state))
+        return None, SplitStep(config, tc, params, opt_state)
     return None, None
 
 
@@ -711,22 +717,6 @@ def _catch_signals(handler) -> dict:
     if not _main_thread():
         return {}
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _start_workers(start):
-    """Start the worker pool with SIGINT and SIGTERM ignored, a disposition the workers inherit
-    (through fork, and through exec with spawn): Ctrl-C on a terminal signals the whole process
-    group, and a worker killed by it would fail the step instead of letting the main process
-    finish it and save a resumable checkpoint. The workers stop when the main process closes
-    the pool, or notice that it died (they watch their parent process)."""
-    if not _main_thread():
-        return start()
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return start()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 # --- the run directory -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,10 @@ from puregpt.parallel import available_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "benchmarks" / "run.py"
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
+# torch is an oracle: the full suite expects its rows (a missing torch fails, never skips);
+# only the core suite (PUREGPT_TEST_CORE=1, .ci/run's other Pythons) checks the rows without it
+HAVE_TORCH = importlib.util.find_spec("torch") is not None or \
+    os.environ.get("PUREGPT_TEST_CORE") != "1"
 
 
 def load_run():
@@ -166,13 +170,13 @@ def test_pss_peak_counts_pages_a_forked_child_shares_once():
     buf = bytearray(256 * MB * 1024)
     buf[::4096] = b"\x01" * len(buf[::4096])  # touch every page
     r, w = os.pipe()
+    pid = os.fork()  # (before the sampler's thread starts: fork a single-threaded process)
+    if pid == 0:  # the child: 64 MB of its own, then wait to be told to exit
+        own = bytearray(64 * MB * 1024)
+        own[::4096] = b"\x01" * len(own[::4096])
+        os.read(r, 1)
+        os._exit(0)
     with PssPeak(every=0.05) as peak:
-        pid = os.fork()
-        if pid == 0:  # the child: 64 MB of its own, then wait to be told to exit
-            own = bytearray(64 * MB * 1024)
-            own[::4096] = b"\x01" * len(own[::4096])
-            os.read(r, 1)
-            os._exit(0)
         time.sleep(1.0)  # several samples with both processes alive
         os.write(w, b"x")
         os.waitpid(pid, 0)
@@ -261,7 +265,7 @@ def test_mac_formula():
     assert macs["total"] == 3 * (5 * 54 + 2 * 9 * 2)
 
 
-@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+@pytest.mark.oracle
 def test_torch_microgpt_script_prints_microgpt_lines():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "torch_microgpt.py"),
                            "--steps", "3", "--samples", "2", "--data",

@@ -296,3 +296,31 @@ def test_a_step_interrupted_midway_still_closes_promptly():
         t0 = time.monotonic()
         split.close()
     assert time.monotonic() - t0 < 2.0 and split.proc.exitcode == 0
+
+
+@pytest.mark.parametrize("batch_size", [2, 1])  # the worker pool; the split step's helper
+def test_a_signal_while_the_workers_start_stops_the_run_after_its_first_step(tmp_path,
+                                                                               monkeypatch,
+                                                                               batch_size):
+    """SIGTERM to the main process and to the new worker the moment it is forked (as Ctrl-C on a
+    terminal, or compare stopping its runs, can do): the worker ignores it, and the main
+    process, instead of losing it, stops after its first step with a checkpoint to resume."""
+    from multiprocessing.process import BaseProcess
+
+    from puregpt.train import Interrupted
+    start = BaseProcess.start
+
+    def start_then_signal(proc):
+        start(proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(BaseProcess, "start", start_then_signal)
+    text = tmp_path / "names.txt"
+    text.write_text("\n".join(["anna", "bob", "carla", "dave"] * 20))
+    tc = TrainConfig(steps=40, batch_size=batch_size, workers=2, val_fraction=0.0)
+    with pytest.raises(Interrupted, match="interrupted at step 1 of 40"):
+        train(GPTConfig(n_embd=8, n_head=2, block_size=8), tc, str(text),
+              str(tmp_path / "run"), quiet=True)
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors").step == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
