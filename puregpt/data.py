@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from .config import TrainConfig
 from .fsutil import InputError, read_limited
+from .ops import collector_paused
 from .tokenizer import CharTokenizer
 
 
@@ -115,6 +116,23 @@ def doc_examples(ids: list[int], block_size: int, long_docs: str):
         start += stride
 
 
+def docs_examples(encoded, block_size: int, long_docs: str) -> list:
+    """doc_examples of every encoded document, in order, in one list. A document of at most
+    block_size predictions, or a truncated one, is one pair, built inline: names, the common
+    case, are all short, and a call per document costs ~30% more."""
+    B = block_size
+    if long_docs == "truncate":
+        return [(ids[:-1], ids[1:]) if len(ids) <= B + 1 else (ids[:B], ids[1:B + 1])
+                for ids in encoded]
+    examples = []
+    for ids in encoded:
+        if len(ids) <= B + 1:
+            examples.append((ids[:-1], ids[1:]))
+        else:
+            examples.extend(doc_examples(ids, B, long_docs))
+    return examples
+
+
 @dataclass
 class Corpus:
     mode: str  # docs | stream
@@ -181,12 +199,11 @@ def load_corpus(path: str | None, tc: TrainConfig, block_size: int, rng, tokeniz
             tokenizer = CharTokenizer(chars)
     try:
         if mode == "docs":
-            encoded = [tokenizer.encode_doc(d) for d in train_docs]
-            train_examples = [ex for ids in encoded for ex in doc_examples(ids, block_size,
-                                                                           tc.long_docs)]
-            val_examples = [ex for d in val_docs
-                            for ex in doc_examples(tokenizer.encode_doc(d), block_size,
-                                                   tc.long_docs)]
+            with collector_paused():  # ~10^5 new lists, no cycles: half the time without it
+                train_examples = docs_examples(map(tokenizer.encode_doc, train_docs),
+                                               block_size, tc.long_docs)
+                val_examples = docs_examples(map(tokenizer.encode_doc, val_docs), block_size,
+                                             tc.long_docs)
             train_ids = val_ids = []
         else:
             train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)

@@ -353,3 +353,24 @@ def test_explain(tmp_path):
     assert r["default"]["mode"] == "docs" and r["default"]["config"]["n_embd"] == 32
     assert r["checked"] is True and r["target_seconds"] == 1.0
     assert isinstance(r["meets_target"], bool) and "### explain: seconds per x-ray page" in stdout
+
+
+def test_benchmarks_run_puregpt_from_compiled_bytecode(tmp_path):
+    """Fresh-process benchmarks start as a user's second run does: harness.compile_bytecode
+    leaves puregpt's modules compiled for this Python (with PYTHONDONTWRITEBYTECODE=1, as on
+    these machines, nothing else would), and a fresh process then compiles nothing."""
+    harness = load_harness()
+    import puregpt
+    package = Path(puregpt.__file__).parent
+    harness.compile_bytecode()
+    for source in package.glob("*.py"):
+        assert Path(importlib.util.cache_from_source(str(source))).exists(), source
+    probe = ("import builtins, sys; compiled = []; real = builtins.compile\n"
+             "builtins.compile = lambda *a, **k: (compiled.append(a[1]), real(*a, **k))[1]\n"
+             "import puregpt.cli, puregpt.train, puregpt.sample\n"
+             "print([c for c in compiled if 'puregpt' in str(c)])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

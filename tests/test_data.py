@@ -12,8 +12,8 @@ import pytest
 from helpers_train import SHARED, names_file, needs_shared, stream_text
 from puregpt import model
 from puregpt.config import GPTConfig, TrainConfig
-from puregpt.data import (DataError, detect_mode, doc_examples, get_batch, load_corpus, read_text,
-                          stream_windows)
+from puregpt.data import (DataError, detect_mode, doc_examples, docs_examples, get_batch,
+                          load_corpus, read_text, stream_windows)
 from puregpt.tokenizer import CharTokenizer
 
 
@@ -140,6 +140,18 @@ def test_long_documents_split_into_windows_predicting_each_target_once(block_siz
         assert seen == Counter(range(1, len(ids))), (length, examples)
         if len(ids) - 1 <= block_size:
             assert examples == [(ids[:-1], ids[1:])]
+
+
+@pytest.mark.parametrize("long_docs", ["split", "truncate"])
+def test_the_corpus_fast_path_equals_doc_examples_of_each_document(long_docs):
+    """docs_examples (short documents inline) is doc_examples, document by document, in order:
+    lengths below, at and above block_size + 1 tokens."""
+    rng = random.Random(7)
+    docs = [[9] + [rng.randrange(9) for _ in range(rng.randint(0, 40))] + [9]
+            for _ in range(500)]
+    assert {len(d) for d in docs} >= {2, 8, 9, 10, 42}
+    expected = [ex for ids in docs for ex in doc_examples(ids, 8, long_docs)]
+    assert docs_examples(iter(docs), 8, long_docs) == expected
 
 
 def test_corpus_of_long_documents_predicts_every_token_once(tmp_path):
