@@ -119,12 +119,12 @@ def record_products(params, cfg, batch) -> list:
         return [type(r)(r) for r in M] if M and isinstance(M[0], (list, tuple)) else list(M)
 
     def recorder(name, f):
-        def record(A, B):
-            if depth[0] == 0:
+        def record(A, B, *acc):  # a gradient's matmul(A, B, acc) adds into acc: recorded as
+            if depth[0] == 0:    # the product alone, the primitive (the += is the step's)
                 calls.append((name, copy(A), copy(B)))
             depth[0] += 1
             try:
-                return f(A, B)
+                return f(A, B, *acc)
             finally:
                 depth[0] -= 1
         return record

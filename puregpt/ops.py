@@ -25,11 +25,15 @@ from operator import add, mul
 # "each row of A dotted with each row of B": C[i][j] = sum_k A[i][k] B[j][k]. This is the only
 # place where real time is spent, so it is the one place tuned for speed; the math is just that.
 
-def matmul_sumprod(A, B):
+def matmul_sumprod(A, B, acc=None):
     """A (n, k), B (m, k) -> A B^T (n, m) with math.sumprod (Python 3.12+), a C dot product with
-    extended precision."""
+    extended precision. With acc (n, m): acc += A B^T, in place (each matmul does this)."""
     _sumprod = math.sumprod
-    return [list(map(_sumprod, B, repeat(a))) for a in A]
+    if acc is None:
+        return [list(map(_sumprod, B, repeat(a))) for a in A]
+    for row, a in zip(acc, A):
+        row[:] = map(add, row, map(_sumprod, B, repeat(a)))
+    return acc
 
 
 def dots_sumprod(a, B):
@@ -38,8 +42,10 @@ def dots_sumprod(a, B):
     return list(map(math.sumprod, B, repeat(a)))
 
 
-def matmul_dist(A, B):
-    """A (n, k), B (m, k) -> A B^T (n, m) with math.dist, on every Python.
+def matmul_dist(A, B, acc=None):
+    """A (n, k), B (m, k) -> A B^T (n, m) with math.dist, on every Python; with acc (n, m):
+    acc += A B^T, in place, the sum taken inside the product's own loop (a gradient's +=
+    ~10% faster than adding the product's rows after).
 
     Before Python 3.12 the stdlib has no dot product, but it has math.dist, a C loop that
     creates no float object per element, and the law of cosines turns one into the other:
@@ -54,7 +60,11 @@ def matmul_dist(A, B):
       * otherwise every row of both sides is scaled to unit length.
     """
     if len(A) <= 2 or len(B) <= 2 or len(A) * len(B) * len(A[0]) < 512:
-        return [dots(a, B) for a in A]  # too little work to repay rescaling rows
+        if acc is None:  # too little work to repay rescaling rows
+            return [dots(a, B) for a in A]
+        for row, a in zip(acc, A):
+            row[:] = map(add, row, dots(a, B))
+        return acc
     dist, norms_b = math.dist, list(starmap(math.hypot, B))
     shortest, longest = min(norms_b), max(norms_b)
     if 0.0 < longest <= 4.0 * shortest:
@@ -62,12 +72,22 @@ def matmul_dist(A, B):
         A, norms_a = _scaled_rows(A, rho)
         B = list(map(tuple, B))  # dist() copies any other sequence into a tuple per call
         c = [rho * rho + y * y for y in norms_b]  # |a|^2 + |b|^2 for every a
-        return [[h * (cb - d * d) for cb, d in zip(c, map(dist, B, repeat(a)))]
-                for a, h in zip(A, [0.5 * x / rho for x in norms_a])]  # a.b = |a|/rho ~a.b
+        hs = [0.5 * x / rho for x in norms_a]  # a.b = |a|/rho ~a.b
+        if acc is None:
+            return [[h * (cb - d * d) for cb, d in zip(c, map(dist, B, repeat(a)))]
+                    for a, h in zip(A, hs)]
+        for row, a, h in zip(acc, A, hs):
+            row[:] = [r + h * (cb - d * d) for r, cb, d in zip(row, c, map(dist, B, repeat(a)))]
+        return acc
     A, norms_a = _scaled_rows(A, 1.0)
     B, _ = _scaled_rows(B, 1.0, norms_b)
-    return [[x * y * (1.0 - 0.5 * d * d) for y, d in zip(norms_b, map(dist, B, repeat(a)))]
-            for a, x in zip(A, norms_a)]
+    if acc is None:
+        return [[x * y * (1.0 - 0.5 * d * d) for y, d in zip(norms_b, map(dist, B, repeat(a)))]
+                for a, x in zip(A, norms_a)]
+    for row, a, x in zip(acc, A, norms_a):
+        row[:] = [r + x * y * (1.0 - 0.5 * d * d)
+                  for r, y, d in zip(row, norms_b, map(dist, B, repeat(a)))]
+    return acc
 
 
 def _scaled_rows(rows, length, norms=None):
@@ -95,7 +115,7 @@ if hasattr(math, "sumprod"):
     PRODUCTS["sumprod"] = (matmul_sumprod, dots_sumprod)
     PRODUCTS["dist+sumprod"] = (matmul_dist, dots_sumprod)
 PRODUCT_PATH = "dist+sumprod" if "sumprod" in PRODUCTS else "dist"
-matmul = PRODUCTS[PRODUCT_PATH][0]  # (A, B) -> A B^T: every product of the model
+matmul = PRODUCTS[PRODUCT_PATH][0]  # (A, B[, acc]) -> A B^T (or acc += it): every product
 dots = PRODUCTS[PRODUCT_PATH][1]  # (a, B) -> [a . b for b in B]
 
 
@@ -175,8 +195,7 @@ def linear_param_grads(dY, X, dW, db=None):
     # dW[o][i] = sum_n dY[n][o] X[n][i]: dot products along the position axis (length N) run
     # about 2x faster than N separate outer-product updates of dW.
     dYT, XT = transpose(dY), transpose(X)  # (out, N), (in, N)
-    for dw_row, new in zip(dW, matmul(dYT, XT)):
-        add_into(dw_row, new)
+    matmul(dYT, XT, dW)  # dW += dYT XT^T
     if db is not None:
         add_into(db, map(sum, dYT))
 

@@ -66,6 +66,22 @@ def test_matmul_is_as_accurate_as_a_plain_sum(shape, b_scale, path):
             assert C[1] == [0.0] * m
 
 
+@pytest.mark.parametrize("b_scale", SCALES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matmul_into_acc_adds_the_same_products_in_place(shape, b_scale, path):
+    """matmul(A, B, acc), a gradient's dW += ...: acc's own row lists, each entry its old value
+    plus the product matmul(A, B) gives, to one rounding of the sum (the same products, added
+    inside the product's loop)."""
+    rng = random.Random(11)
+    n, m, k = SHAPES[shape]
+    A, B = rows(rng, n, k, SCALES["any"]), rows(rng, m, k, SCALES[b_scale])
+    acc = rows(rng, n, m, SCALES["similar"])
+    before, row_objects = [list(r) for r in acc], list(acc)
+    assert ops.matmul(A, B, acc) is acc and all(r is o for r, o in zip(acc, row_objects))
+    for new, old, prod in zip(acc, before, ops.matmul(A, B)):
+        assert new == [o + p for o, p in zip(old, prod)]
+
+
 def test_dots_and_matvec(path):
     rng = random.Random(3)
     a, B = rows(rng, 1, 9, SCALES["any"])[0], rows(rng, 6, 9, SCALES["similar"])

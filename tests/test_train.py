@@ -454,3 +454,19 @@ def test_collector_paused_restores_the_state_it_found():
         assert not gc.isenabled()  # a caller's own pause is not ended by ours
     finally:
         gc.enable()
+
+
+def test_zero_grads_zeroes_every_row_in_place_and_keeps_them_apart():
+    """The training step's zeroing: the same row objects, all 0.0, none sharing its storage."""
+    from puregpt import optim
+    grads = {"w": [[1.0, 2.0], [3.0, 4.0]], "b": [5.0, 6.0, 7.0], "v": [[8.0] * 3]}
+    rows = [grads["w"][0], grads["w"][1], grads["b"], grads["v"][0]]
+    optim.zero_grads(grads)
+    assert [grads["w"][0], grads["w"][1], grads["b"], grads["v"][0]] == \
+        [[0.0, 0.0], [0.0, 0.0], [0.0] * 3, [0.0] * 3]
+    assert all(a is b for a, b in zip(rows, [grads["w"][0], grads["w"][1], grads["b"],
+                                              grads["v"][0]]))
+    grads["w"][0][0] = 1.0
+    optim.zero_grads(grads)
+    grads["w"][1][0] = 9.0  # rows of one length were zeroed from one list of zeros: still apart
+    assert grads["w"][0] == [0.0, 0.0] and grads["b"] == [0.0] * 3
