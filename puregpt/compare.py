@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 
 from .config import CHOICES, ConfigError, GPTConfig, TrainConfig
 from .fsutil import atomic_write, brief
+from .parallel import signals_held, unblock_signals
 from .train import Interrupted, TrainingError, _clock, _main_thread, terminal_width
 
 MANIFEST = "compare.json"
@@ -308,7 +309,7 @@ def _child(conn, parent: int, model: dict, train_cfg: dict, data, run_dir: str, 
     os.setpgrp()  # out of the terminal's process group: the parent forwards Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (fork copies the parent's handlers) until
     signal.signal(signal.SIGINT, signal.default_int_handler)  # train sets its own
-    _unblock_signals(True)  # (blocked by the parent around the fork)
+    unblock_signals()  # (blocked by the parent around the fork: parallel.signals_held)
     from .train import train
     last = [0.0]
 
@@ -336,18 +337,6 @@ def _child(conn, parent: int, model: dict, train_cfg: dict, data, run_dir: str, 
         conn.send(("failed", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
-
-
-def _block_signals() -> bool:
-    if not hasattr(signal, "pthread_sigmask"):
-        return False
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    return True
-
-
-def _unblock_signals(blocked: bool) -> None:
-    if blocked and hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 # --- the pool ----------------------------------------------------------------------------------
@@ -411,13 +400,10 @@ class Pool:
         # Ctrl-C during the fork would reach the child before it has handlers of its own
         # (it would run the parent's copy and train on): signals wait until both are ready,
         # and until the job is marked running, so that the handler forwards them to it
-        blocked = _block_signals()
-        try:
+        with signals_held():
             job.proc.start()
             job.conn, job.state, job.step, job.start_step = parent, "running", step, step
             job.t0 = time.monotonic()
-        finally:
-            _unblock_signals(blocked)
         child.close()
 
     def _read(self, job: Job) -> None:

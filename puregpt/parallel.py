@@ -37,17 +37,21 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextmanager
 def signals_held():
-    """Start worker processes inside this block. Ctrl-C on a terminal signals the whole process
-    group, and a worker killed by it would fail the step instead of letting the main process
-    finish it and save a resumable checkpoint: so workers ignore SIGINT and SIGTERM. They are
-    started with both blocked (the mask is inherited through fork and exec) and unblock them
-    once they ignore them (`ignore_signals`); a signal that reaches the main process meanwhile
-    waits, and is handled when the block ends, instead of being lost."""
+    """Start processes inside this block: SIGINT and SIGTERM blocked, a mask the new process
+    inherits (through fork and exec) until it has set its own handlers and unblocks them
+    (`unblock_signals`); a signal that reaches this process meanwhile waits and is handled
+    when the block ends, instead of being lost. Workers ignore both (`ignore_signals`): Ctrl-C
+    on a terminal signals the whole process group, and a worker killed by it would fail the
+    step instead of letting the main process finish it and save a resumable checkpoint.
+    (compare starts its runs the same way, with their own handlers.)"""
     held = hasattr(signal, "pthread_sigmask")
     if held:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -55,13 +59,18 @@ def signals_held():
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def unblock_signals() -> None:
+    """In a process started inside `signals_held`, once its own handlers are set."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def ignore_signals() -> None:
     """A worker's first act (see `signals_held`): the main process handles SIGINT and SIGTERM;
     the worker stops when the pool closes, or when it notices that its parent died."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # (also drops any copy pending since the fork)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    unblock_signals()
 
 
 class WorkerError(RuntimeError):
