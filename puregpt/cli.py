@@ -680,8 +680,16 @@ def parse(parser, argv: list[str]):
     return parser.parse_args(argv)  # no command: argparse's own message (or --help)
 
 
+def _reported_errors() -> tuple:
+    """The errors main reports as one line. A WorkerError (a worker process died or failed; its
+    message says how) can only come from puregpt.parallel once imported: a one-process run
+    never imports it (multiprocessing and shared memory: ~10 ms of every start)."""
+    parallel = sys.modules.get("puregpt.parallel")
+    return (ConfigError, DataError, CheckpointError, TrainingError, ValueError, OSError) + (
+        (parallel.WorkerError,) if parallel else ())
+
+
 def main(argv=None) -> int:
-    from .parallel import WorkerError
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse(build_parser(_preset_in(argv)), argv)
     try:
@@ -695,7 +703,6 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `puregpt sample | head` closed the pipe: not an error
         sys.stderr.close()
         return 0
-    except (ConfigError, DataError, CheckpointError, TrainingError, WorkerError, ValueError,
-            OSError) as e:  # WorkerError: a worker process died or failed; its message says how
+    except _reported_errors() as e:  # (evaluated when an exception is raised)
         print(f"puregpt: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

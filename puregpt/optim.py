@@ -65,8 +65,12 @@ def adamw_update(p, g, m, v, t: int, lr, beta1, beta2, eps, weight_decay=0.0):
     keep = 1 - lr * weight_decay  # the decay, p (1 - lr wd), folded into the last loop
     m = [beta1 * mi + c1 * gi for mi, gi in zip(m, g)]
     v = [beta2 * vi + c2 * gi * gi for vi, gi in zip(v, g)]
-    p = [pi * keep - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
-         for pi, mi, si in zip(p, m, map(math.sqrt, v))]
+    if keep == 1.0:  # no decay: the same numbers (pi * 1.0 == pi) without a multiply (~8%)
+        p = [pi - step_size * mi / (si * inv_sqrt_bc2 + eps)  # sqrt via map: C, not pow
+             for pi, mi, si in zip(p, m, map(math.sqrt, v))]
+    else:
+        p = [pi * keep - step_size * mi / (si * inv_sqrt_bc2 + eps)
+             for pi, mi, si in zip(p, m, map(math.sqrt, v))]
     return p, m, v
 
 

@@ -693,6 +693,8 @@ def _bpe_maker(tc: TrainConfig):
 
 def _start_parallel(config, tc: TrainConfig, params, opt_state):
     """(worker pool, split step): processes that share each step, or (None, None) on one."""
+    if tc.workers == 1:  # one process: multiprocessing is not even imported (~10 ms)
+        return None, None
     from .parallel import available_cpus
     n_workers = tc.workers or available_cpus()
     if n_workers > 1 and tc.batch_size > 1:

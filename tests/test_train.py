@@ -470,3 +470,49 @@ def test_zero_grads_zeroes_every_row_in_place_and_keeps_them_apart():
     optim.zero_grads(grads)
     grads["w"][1][0] = 9.0  # rows of one length were zeroed from one list of zeros: still apart
     assert grads["w"][0] == [0.0, 0.0] and grads["b"] == [0.0] * 3
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_update_is_the_formula_element_by_element(weight_decay):
+    """Both of adamw_update's loops (with decay, and the no-decay one without its multiply) give
+    the module docstring's formula, written out one scalar at a time, to 1e-15 relative."""
+    import math
+    import random
+
+    from puregpt import optim
+    rng = random.Random(3)
+    n, lr, b1, b2, eps, t = 50, 0.01, 0.85, 0.99, 1e-8, 7
+    p, g = [rng.gauss(0, 1) for _ in range(n)], [rng.gauss(0, 1) for _ in range(n)]
+    m, v = [rng.gauss(0, 0.1) for _ in range(n)], [rng.random() * 0.01 for _ in range(n)]
+    new_p, new_m, new_v = optim.adamw_update(iter(p), g, m, v, t, lr, b1, b2, eps, weight_decay)
+    for i in range(n):
+        mi = b1 * m[i] + (1 - b1) * g[i]
+        vi = b2 * v[i] + (1 - b2) * g[i] ** 2
+        pi = p[i] - lr * weight_decay * p[i]
+        pi -= lr * (mi / (1 - b1 ** t)) / (math.sqrt(vi / (1 - b2 ** t)) + eps)
+        assert new_m[i] == pytest.approx(mi, rel=1e-15, abs=1e-300)
+        assert new_v[i] == pytest.approx(vi, rel=1e-15, abs=1e-300)
+        assert new_p[i] == pytest.approx(pi, rel=1e-15, abs=1e-15)
+
+
+def test_a_one_process_run_never_imports_multiprocessing_and_errors_still_read_as_one_line(
+        tmp_path):
+    """--workers 1 trains without importing puregpt.parallel (multiprocessing, shared memory):
+    ~10 ms of every start. cli.main still reports a WorkerError as one line once the module is
+    there, and a bad flag of the same run as before."""
+    data = names_file(tmp_path, 50)
+    script = (
+        "import sys\n"
+        "from puregpt import cli\n"
+        "rc = cli.main(['train', '--data', sys.argv[1], '--out', sys.argv[2], *sys.argv[3:]])\n"
+        "print(rc, 'puregpt.parallel' in sys.modules, 'multiprocessing' in sys.modules)\n"
+        "from puregpt.parallel import WorkerError\n"
+        "assert WorkerError in cli._reported_errors()\n")
+    args = [data, tmp_path / "run", *TINY_RUN, "--steps", 3, "--quiet"]
+    done = run_python(script, *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 False False"
+    bad = run_python(script, data, tmp_path / "run2", *TINY_RUN, "--steps", 3, "--lr", -1)
+    assert bad.returncode == 0, bad.stderr  # main returned (the script printed and went on)
+    assert bad.stdout.splitlines()[-1] == "2 False False"
+    assert bad.stderr.startswith("puregpt: error: ") and "lr" in bad.stderr
