@@ -498,8 +498,8 @@ def test_adamw_update_is_the_formula_element_by_element(weight_decay):
 def test_a_one_process_run_never_imports_multiprocessing_and_errors_still_read_as_one_line(
         tmp_path):
     """--workers 1 trains without importing puregpt.parallel (multiprocessing, shared memory):
-    ~10 ms of every start. cli.main still reports a WorkerError as one line once the module is
-    there, and a bad flag of the same run as before."""
+    ~10 ms of every start. A bad flag of such a run is still one line of error, and once the
+    module is loaded cli.main reports its WorkerError as one line too."""
     data = names_file(tmp_path, 50)
     script = (
         "import sys\n"
